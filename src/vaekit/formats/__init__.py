@@ -1,0 +1,1 @@
+"""Weight formats: safe reading and writing, layout detection and key conversion."""

@@ -1,0 +1,288 @@
+"""Tell what a weight file holds from its keys, shapes and metadata only (never from its name)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaekit.errors import LoadError
+from vaekit.formats import keymaps
+from vaekit.formats.convert import rename_diffusers_to_ldm
+from vaekit.models.config import FAMILY_FACTORS, KLConfig, TinyConfig, VAEConfig, config_from_dict, with_family
+
+Shapes = dict[str, tuple[int, ...]]
+
+# What scaling factor a diffusers config or vaekit metadata states -> family.
+_FACTOR_FAMILY = {round(scale, 5): fam for fam, (scale, _shift) in FAMILY_FACTORS.items()}
+_AMBIGUOUS = {4: ("sd1", "sd1 or sdxl"), 16: ("flux", "sd3 or flux")}
+METADATA_CONFIG_KEY = "vaekit.config"
+_MODELSPEC_FAMILIES = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("-xl", "sdxl"), ("stable-diffusion", "sd1"))
+
+
+@dataclass
+class Detection:
+    """What a set of keys is: layout, where the VAE sits, its architecture and family."""
+
+    layout: str  # "ldm", "diffusers", "taesd", "taesd-diffusers"
+    container: str  # "bare" or "checkpoint"
+    prefix: str  # prefix stripped to reach the VAE keys ("" for a bare file)
+    config: VAEConfig
+    family_certain: bool
+    family_source: str  # where the family came from
+    family_note: str = ""  # e.g. "sd1 or sdxl: same architecture" when uncertain
+    parts: tuple[str, ...] = ("encoder", "decoder")
+    dtype: str = "float32"
+    key_map: dict[str, str] = field(default_factory=dict)  # vaekit key -> key in the file
+
+    @property
+    def family(self) -> str:
+        """The family the VAE is taken to be."""
+        return self.config.family
+
+
+def _strip_container(keys: list[str]) -> tuple[str, str, dict[str, str]]:
+    """Find the VAE inside a checkpoint: returns (container, prefix, {inner key: file key})."""
+    for prefix in keymaps.CHECKPOINT_PREFIXES:
+        inner = {k[len(prefix) :]: k for k in keys if k.startswith(prefix)}
+        if any(k.startswith(("encoder.", "decoder.")) for k in inner):
+            container = "checkpoint" if len(inner) < len(keys) else "bare"
+            return container, prefix, inner
+    for old, new in keymaps.TINY_COMFY_PREFIXES:
+        if any(k.startswith(old) for k in keys):
+            inner = {}
+            for k in keys:
+                if k in keymaps.TINY_COMFY_EXTRAS:
+                    continue
+                renamed = next((new + k[len(o) :] for o, new in keymaps.TINY_COMFY_PREFIXES if k.startswith(o)), k)
+                inner[renamed] = k
+            return "bare", "taesd_", inner
+    if any(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "bare", "", {k: k for k in keys}
+    flat = [k for k in keys if re.match(r"\d+\.", k)]
+    if flat and len(flat) == len(keys):
+        part = "decoder." if "0.weight" not in keys else "encoder."
+        return "bare", "", {part + k: k for k in keys}
+    raise LoadError("no VAE found: none of the keys look like an encoder or decoder (is this a VAE or checkpoint?)")
+
+
+def _checkpoint_family(keys: list[str]) -> str | None:
+    for marker, family in keymaps.CHECKPOINT_FAMILY_MARKERS:
+        if any(k.startswith(marker) for k in keys):
+            return family
+    return None
+
+
+def _metadata_family(metadata: dict[str, str]) -> tuple[VAEConfig | None, str | None]:
+    """A vaekit config stored in the file, or the family a ``modelspec.architecture`` names."""
+    if METADATA_CONFIG_KEY in metadata:
+        try:
+            return config_from_dict(json.loads(metadata[METADATA_CONFIG_KEY])), None
+        except (ValueError, TypeError) as e:
+            raise LoadError(f"the file's {METADATA_CONFIG_KEY} metadata is invalid ({e})") from None
+    arch = metadata.get("modelspec.architecture", "").lower()
+    for needle, family in _MODELSPEC_FAMILIES:
+        if needle in arch:
+            return None, family
+    return None, None
+
+
+def _kl_config(shapes: Shapes) -> KLConfig:
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in shapes:
+            raise LoadError(f"incomplete KL VAE: missing {key}")
+        return shapes[key]
+
+    base = shape("encoder.conv_in.weight")[0]
+    levels = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.(\d+)\.", k)))
+    widths = [shape(f"encoder.down.{i}.block.0.conv1.weight")[0] for i in range(levels)]
+    res_blocks = 1 + max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", k)))
+    if any(w % base for w in widths):
+        raise LoadError(f"unsupported KL VAE: level widths {widths} are not multiples of {base}")
+    return KLConfig(
+        family="custom",
+        in_channels=shape("encoder.conv_in.weight")[1],
+        out_channels=shape("decoder.conv_out.weight")[0],
+        latent_channels=shape("decoder.conv_in.weight")[1],
+        base_channels=base,
+        channel_mult=tuple(w // base for w in widths),
+        num_res_blocks=res_blocks,
+        use_quant_conv="quant_conv.weight" in shapes,
+        mid_attention="encoder.mid.attn_1.q.weight" in shapes,
+    )
+
+
+def _runs(shapes: Shapes, part: str) -> tuple[list[str], int]:
+    """Sequence of layer kinds ("conv"/"block") of a tiny encoder/decoder, and its width."""
+    idx = sorted({int(m.group(1)) for k in shapes if (m := re.match(rf"{part}\.(\d+)\.", k))})
+    seq = ["block" if f"{part}.{i}.conv.0.weight" in shapes else "conv" for i in idx]
+    first = shapes[f"{part}.{idx[0]}.weight"]
+    width = first[0]
+    return seq, width
+
+
+def _counts(seq: list[str]) -> tuple[int, ...]:
+    """Lengths of the block runs that follow each conv (the last conv ends the sequence)."""
+    counts: list[int] = []
+    for kind in seq:
+        if kind == "conv":
+            counts.append(0)
+        else:
+            counts[-1] += 1
+    return tuple(counts[:-1]) if counts and counts[-1] == 0 else tuple(counts)
+
+
+def _tiny_config(shapes: Shapes) -> tuple[TinyConfig, tuple[str, ...]]:
+    parts = tuple(p for p in ("encoder", "decoder") if any(k.startswith(p + ".") for k in shapes))
+    kwargs: dict[str, Any] = {}
+    if "encoder" in parts:
+        seq, width = _runs(shapes, "encoder")
+        last = max(int(m.group(1)) for k in shapes if (m := re.match(r"encoder\.(\d+)\.", k)))
+        kwargs.update(
+            width=width,
+            in_channels=shapes["encoder.0.weight"][1],
+            latent_channels=shapes[f"encoder.{last}.weight"][0],
+            encoder_blocks=_counts(seq),
+        )
+    if "decoder" in parts:
+        seq, width = _runs(shapes, "decoder")
+        last = max(int(m.group(1)) for k in shapes if (m := re.match(r"decoder\.(\d+)\.", k)))
+        kwargs.update(
+            width=width,
+            latent_channels=shapes["decoder.1.weight"][1],
+            out_channels=shapes[f"decoder.{last}.weight"][0],
+            decoder_blocks=_decoder_counts(seq),
+        )
+    return TinyConfig(family="custom", **kwargs), parts
+
+
+def _decoder_counts(seq: list[str]) -> tuple[int, ...]:
+    """Tiny decoder: conv_in, then per level a run of blocks closed by a conv."""
+    counts: list[int] = []
+    run = 0
+    for kind in seq[1:]:
+        if kind == "block":
+            run += 1
+        else:
+            counts.append(run)
+            run = 0
+    return tuple(counts)
+
+
+def _is_tiny(inner: list[str]) -> bool:
+    return any(re.match(r"(encoder|decoder)\.(layers\.)?\d+\.", k) for k in inner)
+
+
+def detect(
+    shapes_in_file: Shapes,
+    metadata: dict[str, str] | None = None,
+    diffusers_config: dict[str, Any] | None = None,
+    dtypes: dict[str, torch.dtype] | None = None,
+    family: str | None = None,
+    known_family: str | None = None,
+) -> Detection:
+    """Detect layout, container, architecture and family from key shapes (plus optional metadata/config).
+
+    ``family`` is a user override; ``known_family`` comes from a known file hash.
+    """
+    metadata = metadata or {}
+    keys = list(shapes_in_file)
+    container, prefix, inner = _strip_container(keys)
+    inner_shapes = {k: shapes_in_file[f] for k, f in inner.items()}
+    tiny = _is_tiny(list(inner))
+    diffusers = any(".layers." in k or "down_blocks." in k or "up_blocks." in k for k in inner)
+    if diffusers:
+        renamed = rename_diffusers_to_ldm({k: k for k in inner}, "tiny" if tiny else "kl")
+        ldm_to_inner = dict(renamed.items())
+        shapes = {k: inner_shapes[v] for k, v in renamed.items()}
+    else:
+        ldm_to_inner = {k: k for k in inner}
+        shapes = inner_shapes
+    parts: tuple[str, ...] = ("encoder", "decoder")
+    cfg: VAEConfig
+    if tiny:
+        cfg, parts = _tiny_config(shapes)
+        layout = "taesd-diffusers" if diffusers else "taesd"
+    else:
+        cfg = _kl_config(shapes)
+        layout = "diffusers" if diffusers else "ldm"
+    key_map = {k: inner[v] for k, v in ldm_to_inner.items()}
+
+    meta_cfg, meta_family = _metadata_family(metadata)
+    if meta_cfg is not None and meta_cfg.kind == cfg.kind:
+        cfg = meta_cfg
+    elif diffusers_config:
+        cfg = _apply_diffusers_config(cfg, diffusers_config)
+
+    certain, source, note = True, "", ""
+    if family:
+        fam, source = family, "user override"
+    elif meta_cfg is not None:
+        fam, source = meta_cfg.family, "vaekit metadata"
+    elif diffusers_config and cfg.kind == "kl" and _config_family(diffusers_config):
+        fam, source = _config_family(diffusers_config), "diffusers config scaling_factor"  # type: ignore[assignment]
+    elif known_family:
+        fam, source = known_family, "known file hash"
+    elif meta_family:
+        fam, source = meta_family, "modelspec.architecture metadata"
+    elif container == "checkpoint" and (ckpt_family := _checkpoint_family(keys)):
+        fam, source = ckpt_family, "checkpoint diffusion-model keys"
+    elif cfg.latent_channels in _AMBIGUOUS:
+        fam, note = _AMBIGUOUS[cfg.latent_channels]
+        certain, source = False, "latent channels only"
+        note = f"{note}: same architecture, cannot tell from weights; assumed {fam} (override with family=...)"
+    else:
+        fam, certain, source = "custom", False, "no known family has this channel count"
+    if fam != "custom":
+        try:
+            cfg = with_family(cfg, fam)
+            if meta_cfg is not None and meta_cfg.family == fam:
+                cfg = meta_cfg  # keep calibrated factors stored in the file
+        except ValueError as e:
+            raise LoadError(str(e)) from None
+    dtype = _main_dtype({k: dtypes[v] for k, v in inner.items()} if dtypes else {})
+    return Detection(layout, container, prefix, cfg, certain, source, note, parts, dtype, key_map)
+
+
+def _config_family(cfg: dict[str, Any]) -> str | None:
+    scale = cfg.get("scaling_factor")
+    return _FACTOR_FAMILY.get(round(float(scale), 5)) if isinstance(scale, int | float) else None
+
+
+def _apply_diffusers_config(cfg: VAEConfig, dc: dict[str, Any]) -> VAEConfig:
+    """Take what shapes cannot tell (norm groups, factors) from a diffusers config.json."""
+    import dataclasses
+
+    updates: dict[str, Any] = {}
+    if cfg.kind == "kl":
+        if "norm_num_groups" in dc:
+            updates["norm_groups"] = int(dc["norm_num_groups"])
+        if dc.get("mid_block_add_attention") is False:
+            updates["mid_attention"] = False
+    for ours, theirs in (("scaling_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
+        if isinstance(dc.get(theirs), int | float):
+            updates[ours] = float(dc[theirs])
+    return dataclasses.replace(cfg, **updates)
+
+
+def _main_dtype(dtypes: dict[str, torch.dtype]) -> str:
+    if not dtypes:
+        return "unknown"
+    counts = Counter(str(d).removeprefix("torch.") for d in dtypes.values())
+    return counts.most_common(1)[0][0]
+
+
+def read_diffusers_config(path: Path) -> dict[str, Any]:
+    """The config.json of a diffusers folder, checked to be a VAE class."""
+    from vaekit.formats.io import read_json
+
+    data = read_json(path)
+    cls = data.get("_class_name")
+    if cls not in (None, "AutoencoderKL", "AutoencoderTiny"):
+        raise LoadError(f"{path}: a diffusers {cls}, not a VAE (AutoencoderKL or AutoencoderTiny)")
+    return data

@@ -1,0 +1,112 @@
+"""The KL autoencoder of latent diffusion; parameter names follow the original LDM checkpoints."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaekit.models.blocks import Downsample, MidBlock, ResnetBlock, Upsample, group_norm
+from vaekit.models.config import KLConfig
+
+
+class Level(nn.Module):
+    """One resolution level: a list of resnet blocks and an optional resampler."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.ModuleList()
+
+
+class Encoder(nn.Module):
+    """Image in [-1, 1] -> posterior moments (mean and log-variance stacked on channels)."""
+
+    def __init__(self, cfg: KLConfig) -> None:
+        super().__init__()
+        ch = cfg.block_channels
+        g, eps = cfg.norm_groups, cfg.norm_eps
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down = nn.ModuleList()
+        prev = ch[0]
+        for i, width in enumerate(ch):
+            level = Level()
+            for _ in range(cfg.num_res_blocks):
+                level.block.append(ResnetBlock(prev, width, g, eps))
+                prev = width
+            if i != len(ch) - 1:
+                level.downsample = Downsample(width)
+            self.down.append(level)
+        self.mid = MidBlock(prev, g, eps, cfg.mid_attention)
+        self.norm_out = group_norm(prev, g, eps)
+        self.conv_out = nn.Conv2d(prev, 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.down:
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """Latent z -> image in [-1, 1]. ``up`` is indexed from the highest resolution, as in LDM files."""
+
+    def __init__(self, cfg: KLConfig) -> None:
+        super().__init__()
+        ch = cfg.block_channels
+        g, eps = cfg.norm_groups, cfg.norm_eps
+        prev = ch[-1]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, prev, 3, padding=1)
+        self.mid = MidBlock(prev, g, eps, cfg.mid_attention)
+        levels: list[Level] = []
+        for i in reversed(range(len(ch))):
+            level = Level()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(prev, ch[i], g, eps))
+                prev = ch[i]
+            if i != 0:
+                level.upsample = Upsample(prev)
+            levels.insert(0, level)
+        self.up = nn.ModuleList(levels)
+        self.norm_out = group_norm(prev, g, eps)
+        self.conv_out = nn.Conv2d(prev, cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for block in level.block:
+                h = block(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class AutoencoderKL(nn.Module):
+    """Encoder, decoder and (SD1/SDXL only) the 1x1 quant/post-quant convs around the latent."""
+
+    def __init__(self, cfg: KLConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.use_quant_conv:
+            z2 = 2 * cfg.latent_channels
+            self.quant_conv = nn.Conv2d(z2, z2, 1)
+            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior, unscaled."""
+        moments = self.encoder(x)
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Unscaled latent -> image in [-1, 1] (not clamped)."""
+        if self.config.use_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
