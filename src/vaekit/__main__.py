@@ -1,0 +1,5 @@
+"""``python -m vaekit``."""
+
+from vaekit.interfaces.cli import run
+
+run()

@@ -1,0 +1,183 @@
+"""Image files in and out (PNG/JPEG/WebP, alpha, 16-bit, EXIF), padding to the model's multiple, builtin photos."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vaekit.errors import BadInputError
+from vaekit.formats.io import atomic_path
+
+PathLike = str | os.PathLike[str]
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+# Refuse decompression bombs: far above any image a VAE is run on (a 16k x 16k image is 268 Mpx).
+MAX_PIXELS = 16384 * 16384
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+# Colour photographs shipped in scikit-image's data folder: the "builtin" image set, no download needed.
+BUILTIN_NAMES = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "retina.jpg")
+
+
+@dataclass
+class LoadedImage:
+    """An RGB image as a float tensor (3, H, W) in [0, 1], with its alpha kept aside."""
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor | None = None  # (1, H, W) in [0, 1]
+    path: Path | None = None
+    bits: int = 8
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height)."""
+        return self.rgb.shape[2], self.rgb.shape[1]
+
+
+def load_image(path: PathLike) -> LoadedImage:
+    """Read an image file: EXIF orientation applied, alpha split off, 8- or 16-bit to float [0, 1]."""
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            return _from_pil(im, path)
+    except FileNotFoundError:
+        raise BadInputError(f"{path}: no such file") from None
+    except Image.DecompressionBombError:
+        raise BadInputError(f"{path}: refused: more than {MAX_PIXELS} pixels (decompression bomb?)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadInputError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]})") from None
+
+
+def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
+    if im.width == 0 or im.height == 0:
+        raise BadInputError(f"{path}: zero-size image")
+    bits = 8
+    alpha = None
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode != "I" or np.asarray(im).max() > 255 else 255.0)
+        rgb = np.repeat(arr[..., None], 3, axis=2)
+        bits = 16
+    else:
+        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+            rgba = im.convert("RGBA")
+            alpha = torch.from_numpy(np.asarray(rgba, dtype=np.float32)[..., 3] / 255.0).unsqueeze(0)
+            im = rgba
+        rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+    tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+    return LoadedImage(tensor, alpha, path, bits)
+
+
+def _png16(path: Path) -> LoadedImage | None:
+    """16-bit RGB(A) PNGs: Pillow reduces them to 8 bits, so read them through imageio-free raw decoding."""
+    try:
+        from skimage.io import imread
+    except ImportError:  # pragma: no cover - scikit-image is a dependency
+        return None
+    arr = imread(path)
+    if arr.dtype != np.uint16 or arr.ndim != 3:
+        return None
+    scaled = arr.astype(np.float32) / 65535.0
+    rgb = torch.from_numpy(np.ascontiguousarray(scaled[..., :3])).permute(2, 0, 1).contiguous()
+    alpha = torch.from_numpy(scaled[..., 3]).unsqueeze(0) if arr.shape[2] == 4 else None
+    return LoadedImage(rgb, alpha, path, 16)
+
+
+def read_image(path: PathLike) -> LoadedImage:
+    """Like :func:`load_image`, but keeps full precision of 16-bit RGB PNGs."""
+    path = Path(path)
+    if path.suffix.lower() == ".png":
+        with open(path, "rb") as f:
+            head = f.read(26)
+        # PNG IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA).
+        if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6):
+            loaded = _png16(path)
+            if loaded is not None:
+                return loaded
+    return load_image(path)
+
+
+def to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
+    """Float (3, H, W) in [0, 1] (and optional alpha) -> 8-bit PIL image."""
+    if rgb.ndim != 3 or rgb.shape[0] != 3:
+        raise BadInputError(f"expected an image tensor (3, H, W), got {tuple(rgb.shape)}")
+    arr = (rgb.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    im = Image.fromarray(arr, "RGB")
+    if alpha is not None:
+        a = (alpha.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)[0].cpu().numpy()
+        if a.shape != arr.shape[:2]:
+            a = np.asarray(Image.fromarray(a, "L").resize(im.size, Image.Resampling.BILINEAR))
+        im.putalpha(Image.fromarray(a, "L"))
+    return im
+
+
+def save_image(
+    rgb: torch.Tensor, path: PathLike, alpha: torch.Tensor | None = None, quality: int = 95, overwrite: bool = True
+) -> Path:
+    """Write (3, H, W) in [0, 1] as PNG/JPEG/WebP by suffix, atomically; alpha is kept where the format can."""
+    path = Path(path)
+    fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower())
+    if fmt is None:
+        raise BadInputError(f"{path}: unsupported output format (use .png, .jpg or .webp)")
+    if path.exists() and not overwrite:
+        raise BadInputError(f"{path}: already exists (use --overwrite)")
+    im = to_pil(rgb, alpha if fmt != "JPEG" else None)
+    with atomic_path(path) as tmp:
+        kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
+        im.save(tmp, format=fmt, **kwargs)
+    return path
+
+
+def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    """Reflect-pad (N, C, H, W) on the right and bottom to a multiple; returns (padded, (left, top, right, bottom)).
+
+    Falls back to replicate padding where the image is too small to reflect.
+    """
+    h, w = images.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if not pad_h and not pad_w:
+        return images, (0, 0, 0, 0)
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    padded = F.pad(images, (0, pad_w, 0, pad_h), mode=mode)
+    return padded, (0, 0, pad_w, pad_h)
+
+
+def crop_padding(images: torch.Tensor, padding: tuple[int, int, int, int], scale: int = 1) -> torch.Tensor:
+    """Undo :func:`pad_to_multiple` (``scale`` converts latent-space padding to pixels or back)."""
+    left, top, right, bottom = (p * scale for p in padding)
+    h, w = images.shape[-2:]
+    return images[..., top : h - bottom, left : w - right]
+
+
+def list_images(inputs: list[PathLike], recursive: bool = True) -> list[Path]:
+    """Expand files, folders (recursively) and globs into a sorted list of image paths."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            out.extend(sorted(q for q in p.glob(pattern) if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.exists():
+            out.append(p)
+        else:
+            matches = sorted(Path().glob(str(item))) if any(c in str(item) for c in "*?[") else []
+            if not matches:
+                raise BadInputError(f"{item}: no such file, folder or matching glob")
+            out.extend(m for m in matches if m.is_file())
+    return out
+
+
+def builtin_image_paths() -> list[Path]:
+    """Paths of the real colour photographs shipped with scikit-image (the ``builtin`` image set)."""
+    import skimage
+
+    folder = Path(skimage.__file__).parent / "data"
+    paths = [folder / name for name in BUILTIN_NAMES if (folder / name).is_file()]
+    if not paths:
+        raise BadInputError(f"scikit-image's data folder {folder} has none of the builtin photographs")
+    return paths

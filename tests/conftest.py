@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random models built from the real presets at small widths."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("VAEKIT_HOME", "")  # never read the developer's own VAE library during tests
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+from vaekit.models.config import VAEConfig, preset  # noqa: E402
+
+KL_PRESETS = ("sd1", "sdxl", "sd3", "flux")
+TINY_PRESETS = ("taesd", "taesdxl", "taesd3", "taef1")
+
+
+def small_config(name: str, **overrides: Any) -> VAEConfig:
+    """The named preset at a small width (fast on CPU) with the real depth, factors and downscale of 8."""
+    cfg = preset(name)
+    if cfg.kind == "tiny":
+        return dataclasses.replace(cfg, width=16, **overrides)
+    return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), norm_groups=8, **overrides)
+
+
+def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:
+    """A diffusers AutoencoderKL/AutoencoderTiny with the same architecture, randomly initialised (seeded)."""
+    from diffusers import AutoencoderKL, AutoencoderTiny
+
+    from vaekit.formats.export import diffusers_config
+
+    kwargs = diffusers_config(cfg)
+    cls = AutoencoderTiny if kwargs.pop("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    torch.manual_seed(seed)
+    model = cls(**kwargs).eval()
+    # diffusers initialises some biases/norms to constants; randomise everything so parity is meaningful.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture
+def small_vae():
+    """A small random sd1-architecture VAE (vaekit.VAE), seeded."""
+    from vaekit.models import build
+    from vaekit.vae import VAE, VAEOrigin
+
+    cfg = small_config("sd1")
+    torch.manual_seed(0)
+    return VAE(build(cfg), cfg, VAEOrigin(name="small-sd1"))
+
+
+@pytest.fixture
+def small_tiny_vae():
+    """A small random TAESD-architecture VAE, seeded."""
+    from vaekit.models import build
+    from vaekit.vae import VAE, VAEOrigin
+
+    cfg = small_config("taesd")
+    torch.manual_seed(0)
+    return VAE(build(cfg), cfg, VAEOrigin(name="small-taesd"))
