@@ -36,10 +36,12 @@ def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:
     cls = AutoencoderTiny if kwargs.pop("_class_name") == "AutoencoderTiny" else AutoencoderKL
     torch.manual_seed(seed)
     model = cls(**kwargs).eval()
-    # diffusers initialises some biases/norms to constants; randomise everything so parity is meaningful.
+    # GroupNorm starts as the identity (weight 1, bias 0); perturb it so the parity test checks those weights too.
     with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.05)
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+                m.bias.add_(torch.randn_like(m.bias) * 0.1)
     return model
 
 
