@@ -200,7 +200,7 @@ def _resolve_device(device: torch.device | str | None) -> torch.device:
 
 
 def load_vae(
-    path_or_preset: PathLike | list[PathLike],
+    path_or_preset: PathLike | list[PathLike] | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     family: str | None = None,
@@ -211,7 +211,12 @@ def load_vae(
     A preset name (``sd1``, ``sdxl``, ``sd3``, ``flux``, ``taesd`` ...) gives a freshly initialised model with
     that architecture (seeded); files are detected by content and loaded strictly. ``family`` overrides an
     ambiguous family (SD1 vs SDXL, SD3 vs FLUX share architectures). ``dtype`` defaults to float32.
+    With no argument, the bundled default VAE trained by vaekit is loaded.
     """
+    if path_or_preset is None:
+        from vaekit.weights import default_vae_path
+
+        path_or_preset = default_vae_path()
     dev = _resolve_device(device)
     if isinstance(path_or_preset, str) and path_or_preset in PRESETS and not Path(path_or_preset).exists():
         cfg = preset(path_or_preset)
