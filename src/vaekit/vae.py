@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -149,28 +150,46 @@ class VAE:
         return mean, logvar
 
     def encode(
-        self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+        self,
+        images: torch.Tensor | list[torch.Tensor],
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        **option_kwargs: Any,
     ) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (posterior mode by default; ``sample=True`` draws from it)."""
-        mean, logvar = self.encode_posterior(images)
-        if self.config.kind == "tiny":
-            return mean
-        z = mean
-        if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * noise  # type: ignore[operator]
-        return self.scale(z)
+        """Images in [0, 1] of any size -> scaled latents (posterior mode; ``sample=True`` draws from it).
 
-    @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1] (clamped), float32."""
-        self._require("decoder")
-        latents = self.check_latents(latents).to(self.device, self.dtype)
-        if self.config.kind == "tiny":
-            out = self.model.decode(latents)
-        else:
-            out = (self.model.decode(self.unscale(latents)) + 1) / 2
-        return out.float().clamp(0, 1)
+        Sizes that are not a multiple of :attr:`downscale` are reflect-padded (use :func:`vaekit.ops.pipeline.encode`
+        to keep the padding for cropping later). ``option_kwargs`` are :class:`vaekit.ops.pipeline.CodecOptions`
+        fields (``precision`` defaults to the weights' dtype, ``tiling`` to ``"auto"``).
+        """
+        from vaekit.ops import pipeline
+
+        options = pipeline.make_options(self._default_options(), sample=sample, **option_kwargs)
+        result = pipeline.encode(self, images, options, generator=generator)
+        if not isinstance(result.latents, torch.Tensor):
+            raise BadInputError("images of different sizes: use vaekit.ops.pipeline.encode, which returns a list")
+        return result.latents
+
+    def decode(self, latents: torch.Tensor, **option_kwargs: Any) -> torch.Tensor:
+        """Scaled latents -> images in [0, 1] (clamped), float32.
+
+        ``option_kwargs`` are :class:`vaekit.ops.pipeline.CodecOptions` fields, plus ``image_size`` (width, height)
+        and ``padding`` (left, top, right, bottom pixels) to crop the result.
+        """
+        from vaekit.ops import pipeline
+
+        crop = {k: option_kwargs.pop(k) for k in ("image_size", "padding") if k in option_kwargs}
+        options = pipeline.make_options(self._default_options(), **option_kwargs)
+        images = pipeline.decode(self, latents, options, **crop).images
+        if not isinstance(images, torch.Tensor):
+            raise BadInputError("a list of latents: use vaekit.ops.pipeline.decode, which returns a list")
+        return images
+
+    def _default_options(self) -> Any:
+        from vaekit.ops import pipeline
+        from vaekit.ops.precision import DTYPE_NAMES
+
+        return pipeline.CodecOptions(precision=DTYPE_NAMES.get(self.dtype, "fp32"))
 
     # --- moving and saving -------------------------------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAE:
