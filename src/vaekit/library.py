@@ -291,11 +291,12 @@ def scan(
     home: Path | None = None,
     checkpoints: bool = False,
     progress: Callable[[Path], None] | None = None,
+    refresh: bool = False,
 ) -> ScanResult:
     """Scan the library's VAE folders (or its checkpoint folders) recursively, reusing cached results.
 
-    A file is re-read and re-hashed only when its size or mtime changed since the cached scan. Files that are not
-    readable VAEs are skipped with a warning, never fatal.
+    A file is re-read and re-hashed only when its size or mtime changed since the cached scan (or ``refresh``).
+    Files that are not readable VAEs are skipped with a warning, never fatal.
     """
     from vaekit.errors import LoadError
 
@@ -307,7 +308,7 @@ def scan(
             what = "checkpoint folder" if checkpoints else "VAE library folder"
             warnings.append(f"{root}: no such {what}; set VAEKIT_HOME or `vaekit use --home DIR`")
     cache_path = cache_file(env)
-    cache = _read_cache(cache_path)
+    cache = {} if refresh else _read_cache(cache_path)
     entries: list[LibraryEntry] = []
     hashed = cached = 0
     changed = False
@@ -420,6 +421,26 @@ def _resolve_name(name: str, env: Mapping[str, str] | None, reason: str) -> Reso
     return ResolvedVAE(Path(entry.path), f"{reason}, library name {name!r}")
 
 
+def find_checkpoint(name: str, env: Mapping[str, str] | None = None) -> Path:
+    """A checkpoint path, or a checkpoint's file name or stem inside the library's checkpoint folders."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    folders = library_folders(library_home(env))
+    hits = [
+        p
+        for root in folders.checkpoint_dirs
+        for p in _candidates(root, [])
+        if p.is_file() and name.lower() in (p.name.lower(), p.stem.lower())
+    ]
+    if len(hits) > 1:
+        raise BadInputError(f"{name!r} matches {len(hits)} checkpoints: {'; '.join(map(str, hits[:4]))}; give a path")
+    if not hits:
+        where = ", ".join(map(str, folders.checkpoint_dirs)) or "no checkpoint folder in the library"
+        raise BadInputError(f"{name}: no such checkpoint file (looked in {where}); give the checkpoint's path")
+    return hits[0]
+
+
 def checkpoint_key(checkpoint: str | os.PathLike[str]) -> str:
     """How a checkpoint is stored in ``[checkpoints]``: its absolute path."""
     return str(Path(checkpoint).expanduser().resolve())
@@ -527,8 +548,8 @@ def select(
         # Library names are stored as given (they survive moving the library); other paths are made absolute.
         stored = name_or_path if not Path(name_or_path).expanduser().exists() else str(resolved.path.resolve())
     if checkpoint is not None:
-        if not Path(checkpoint).is_file():
-            raise BadInputError(f"{checkpoint}: no such checkpoint file")
+        if name_or_path is not None or Path(checkpoint).is_file():
+            checkpoint = find_checkpoint(str(checkpoint), env)
         if resolved is not None and resolved.path is not None and not force:
             ckpt = checkpoint_family(checkpoint)
             check_family_match(vae_family(resolved.path), ckpt, resolved.path.name, Path(checkpoint).name)

@@ -1,3 +1,5 @@
 """Import every command module so each registers its commands on the shared Typer ``app``."""
+# ruff: noqa: I001  (one import line per command module, so parallel additions never collide)
 
 from vaekit.interfaces.cli import inspect_cmd  # noqa: F401
+from vaekit.interfaces.cli import library_cmd  # noqa: F401

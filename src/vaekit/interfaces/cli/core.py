@@ -29,7 +29,7 @@ def _root() -> None:
 
 # Rich consoles: results to stdout, messages and progress to stderr. Replaced per call by main().
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
 
     global out, err
     out = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-    err = Console(file=sys.stderr, highlight=False)
+    err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
     args = list(sys.argv[1:] if argv is None else argv)
     with _environment(env):
         try:
@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         except VaekitError as e:
             err.print(f"[bold red]error:[/] {escape(str(e))}")
             return int(e.exit_code)
+        except OSError as e:  # an I/O failure no command caught (full disk, permissions): one line, exit 1
+            where = f"{e.filename}: " if e.filename else ""
+            err.print(f"[bold red]error:[/] {escape(where + (e.strerror or str(e)))}")
+            return int(ExitCode.FAILURE)
         except SystemExit as e:
             code = e.code
             return code if isinstance(code, int) else (0 if code is None else int(ExitCode.FAILURE))
