@@ -3,3 +3,5 @@
 
 from vaekit.interfaces.cli import inspect_cmd  # noqa: F401
 from vaekit.interfaces.cli import library_cmd  # noqa: F401
+from vaekit.interfaces.cli import checkpoint_cmd  # noqa: F401
+from vaekit.interfaces.cli import convert_cmd  # noqa: F401
