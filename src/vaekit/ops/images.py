@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ class LoadedImage:
 def load_image(path: PathLike) -> LoadedImage:
     """Read an image file: EXIF orientation applied, alpha split off, 8- or 16-bit to float [0, 1]."""
     path = Path(path)
+    if _is_png16_colour(path):
+        return _png16(path)
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -60,11 +63,15 @@ def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
     bits = 8
     alpha = None
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(im, dtype=np.float32) / (65535.0 if im.mode != "I" or np.asarray(im).max() > 255 else 255.0)
+        # 16-bit greyscale (PNG, TIFF): Pillow's "I" mode holds the same 0..65535 values in 32-bit integers.
+        arr = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
         rgb = np.repeat(arr[..., None], 3, axis=2)
         bits = 16
+    elif im.mode == "F":
+        rgb = np.repeat(np.clip(np.asarray(im, dtype=np.float32), 0.0, 1.0)[..., None], 3, axis=2)
+        bits = 32
     else:
-        if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        if im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
             rgba = im.convert("RGBA")
             alpha = torch.from_numpy(np.asarray(rgba, dtype=np.float32)[..., 3] / 255.0).unsqueeze(0)
             im = rgba
@@ -73,32 +80,58 @@ def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
     return LoadedImage(tensor, alpha, path, bits)
 
 
-def _png16(path: Path) -> LoadedImage | None:
-    """16-bit RGB(A) PNGs: Pillow reduces them to 8 bits, so read them through imageio-free raw decoding."""
+# EXIF orientation -> the numpy operation that shows the image upright (what ImageOps.exif_transpose does).
+_ORIENT: dict[int, Callable[[np.ndarray], np.ndarray]] = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: np.swapaxes(a, 0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, -1)[::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+def _png16(path: Path) -> LoadedImage:
+    """16-bit colour PNGs: Pillow reduces them to 8 bits, so decode them with pypng at full precision."""
+    import png  # pypng: pure Python, reads every PNG colour type and bit depth exactly
+
     try:
-        from skimage.io import imread
-    except ImportError:  # pragma: no cover - scikit-image is a dependency
-        return None
-    arr = imread(path)
-    if arr.dtype != np.uint16 or arr.ndim != 3:
-        return None
-    scaled = arr.astype(np.float32) / 65535.0
-    rgb = torch.from_numpy(np.ascontiguousarray(scaled[..., :3])).permute(2, 0, 1).contiguous()
-    alpha = torch.from_numpy(scaled[..., 3]).unsqueeze(0) if arr.shape[2] == 4 else None
-    return LoadedImage(rgb, alpha, path, 16)
+        reader = png.Reader(filename=str(path))
+        width, height, rows, info = reader.asDirect()
+        if width * height > MAX_PIXELS:
+            raise BadInputError(f"{path}: refused: more than {MAX_PIXELS} pixels (decompression bomb?)")
+        if width == 0 or height == 0:
+            raise BadInputError(f"{path}: zero-size image")
+        planes = int(info["planes"])
+        arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
+    except (png.Error, OSError, ValueError, EOFError) as e:
+        raise BadInputError(f"{path}: not a readable PNG ({str(e).splitlines()[0][:120]})") from None
+    with Image.open(path) as im:  # Pillow reads the EXIF orientation without decoding pixels
+        orientation = im.getexif().get(0x0112, 1)
+    arr = _ORIENT.get(int(orientation), lambda a: a)(arr)
+    scaled = arr.astype(np.float32) / float((1 << int(info["bitdepth"])) - 1)
+    colour = scaled[..., : planes - 1] if info["alpha"] else scaled
+    if colour.shape[2] == 1:
+        colour = np.repeat(colour, 3, axis=2)
+    rgb = torch.from_numpy(np.ascontiguousarray(colour)).permute(2, 0, 1).contiguous()
+    alpha = torch.from_numpy(np.ascontiguousarray(scaled[..., -1])).unsqueeze(0) if info["alpha"] else None
+    return LoadedImage(rgb, alpha, path, int(info["bitdepth"]))
+
+
+def _is_png16_colour(path: Path) -> bool:
+    """True for a 16-bit PNG with colour or alpha (which Pillow would reduce to 8 bits)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(26)
+    except OSError:
+        return False
+    # PNG IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 4 = grey + alpha, 6 = RGBA).
+    return len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 4, 6)
 
 
 def read_image(path: PathLike) -> LoadedImage:
-    """Like :func:`load_image`, but keeps full precision of 16-bit RGB PNGs."""
-    path = Path(path)
-    if path.suffix.lower() == ".png":
-        with open(path, "rb") as f:
-            head = f.read(26)
-        # PNG IHDR: bit depth at byte 24, colour type at byte 25 (2 = RGB, 6 = RGBA).
-        if len(head) == 26 and head[:8] == b"\x89PNG\r\n\x1a\n" and head[24] == 16 and head[25] in (2, 6):
-            loaded = _png16(path)
-            if loaded is not None:
-                return loaded
+    """Same as :func:`load_image` (kept for callers of the earlier name)."""
     return load_image(path)
 
 
