@@ -11,14 +11,28 @@ __all__ = [
     "PRESETS",
     "VAE",
     "BadInputError",
+    "Comparison",
     "Inspection",
     "KLConfig",
     "LoadError",
     "TinyConfig",
     "UnsafeFileError",
     "VaekitError",
+    "compare",
     "inspect",
     "load_vae",
     "preset",
     "save_vae",
 ]
+
+# Heavy parts of the API (metrics libraries, plotting) load on first use, keeping `import vaekit` fast.
+_LAZY = {"compare": "vaekit.eval.compare", "Comparison": "vaekit.eval.compare"}
+
+
+def __getattr__(name: str) -> object:
+    """Import the lazily loaded parts of the public API on first access."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vaekit' has no attribute {name!r}")

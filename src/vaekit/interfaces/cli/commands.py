@@ -5,3 +5,4 @@ from vaekit.interfaces.cli import inspect_cmd  # noqa: F401
 from vaekit.interfaces.cli import library_cmd  # noqa: F401
 from vaekit.interfaces.cli import checkpoint_cmd  # noqa: F401
 from vaekit.interfaces.cli import convert_cmd  # noqa: F401
+from vaekit.interfaces.cli import compare_cmd  # noqa: F401
