@@ -19,11 +19,11 @@ TINY_PRESETS = ("taesd", "taesdxl", "taesd3", "taef1")
 
 
 def small_config(name: str, **overrides: Any) -> VAEConfig:
-    """The named preset at a small width (fast on CPU) with the real depth, factors and downscale of 8."""
+    """The named preset at a small width (fast on CPU) with the real depth, 32 norm groups, factors and downscale 8."""
     cfg = preset(name)
     if cfg.kind == "tiny":
         return dataclasses.replace(cfg, width=16, **overrides)
-    return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), norm_groups=8, **overrides)
+    return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), **overrides)
 
 
 def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:

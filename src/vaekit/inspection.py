@@ -60,10 +60,10 @@ def inspect(path: PathLike | list[PathLike], family: str | None = None) -> Inspe
         src = open_source(path, family=KNOWN_HASHES[sha][0])
         det = src.detection
     counts = {"encoder": 0, "decoder": 0, "other": 0}
-    for ours, theirs in det.key_map.items():
-        shape = next(f.shapes[theirs] for f in src.files if theirs in f.shapes)
+    sizes = {ours: math.prod(f.shapes[theirs]) for f, km in src.file_key_maps() for ours, theirs in km.items()}
+    for ours, size in sizes.items():
         part = ours.split(".", 1)[0]
-        counts[part if part in counts else "other"] += math.prod(shape)
+        counts[part if part in counts else "other"] += size
     cfg = det.config
     return Inspection(
         path=str(src.path),
@@ -81,8 +81,10 @@ def inspect(path: PathLike | list[PathLike], family: str | None = None) -> Inspe
         dtype=det.dtype,
         parts=list(det.parts),
         # quant/post-quant convs belong to the encoder/decoder side they sit on
-        params_encoder=counts["encoder"] + _quant(det.key_map, src, "quant_conv."),
-        params_decoder=counts["decoder"] + _quant(det.key_map, src, "post_quant_conv."),
+        params_encoder=counts["encoder"] + sizes.get("quant_conv.weight", 0) + sizes.get("quant_conv.bias", 0),
+        params_decoder=counts["decoder"]
+        + sizes.get("post_quant_conv.weight", 0)
+        + sizes.get("post_quant_conv.bias", 0),
         params_total=sum(counts.values()),
         scaling_factor=cfg.scaling_factor,
         shift_factor=cfg.shift_factor,
@@ -93,11 +95,3 @@ def inspect(path: PathLike | list[PathLike], family: str | None = None) -> Inspe
         file_bytes=sum(Path(f.path).stat().st_size for f in src.files),
         config=cfg.to_dict(),
     )
-
-
-def _quant(key_map: dict[str, str], src: Any, prefix: str) -> int:
-    total = 0
-    for ours, theirs in key_map.items():
-        if ours.startswith(prefix):
-            total += math.prod(next(f.shapes[theirs] for f in src.files if theirs in f.shapes))
-    return total

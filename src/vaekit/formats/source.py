@@ -26,6 +26,13 @@ class VAESource:
     files: list[TensorFile]
     diffusers_config: dict[str, Any] | None = None
     sha256: str | None = None
+    # One {vaekit key: key in that file} per file; defaults to the detection's map for a single file.
+    key_maps: list[dict[str, str]] | None = None
+
+    def file_key_maps(self) -> list[tuple[TensorFile, dict[str, str]]]:
+        """Each file with the vaekit keys it holds."""
+        maps = self.key_maps or [self.detection.key_map]
+        return list(zip(self.files, maps, strict=True))
 
     @property
     def format(self) -> str:
@@ -41,8 +48,7 @@ class VAESource:
         """The VAE tensors, renamed to vaekit (LDM / taesd) names; nothing else in a checkpoint is read."""
         det = self.detection
         out: dict[str, torch.Tensor] = {}
-        for f in self.files:
-            wanted = {ours: theirs for ours, theirs in det.key_map.items() if theirs in f.shapes}
+        for f, wanted in self.file_key_maps():
             loaded = f.load(list(wanted.values()))
             out.update({ours: loaded[theirs] for ours, theirs in wanted.items()})
         if det.layout in ("diffusers", "taesd-diffusers"):
@@ -128,7 +134,8 @@ def _open_parts(paths: list[Path], family: str | None) -> VAESource:
         parts=("encoder", "decoder"),
         key_map={**enc.detection.key_map, **dec.detection.key_map},
     )
-    return VAESource(paths[0], det, [enc.files[0], dec.files[0]])
+    key_maps = [enc.detection.key_map, dec.detection.key_map]
+    return VAESource(paths[0], det, [enc.files[0], dec.files[0]], key_maps=key_maps)
 
 
 __all__ = ["VAESource", "open_source"]
