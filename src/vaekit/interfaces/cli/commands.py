@@ -5,4 +5,5 @@ from vaekit.interfaces.cli import inspect_cmd  # noqa: F401
 from vaekit.interfaces.cli import library_cmd  # noqa: F401
 from vaekit.interfaces.cli import checkpoint_cmd  # noqa: F401
 from vaekit.interfaces.cli import convert_cmd  # noqa: F401
+from vaekit.interfaces.cli import codec_cmd  # noqa: F401
 from vaekit.interfaces.cli import compare_cmd  # noqa: F401

@@ -12,10 +12,10 @@ from __future__ import annotations
 import errno
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import torch
 import typer
@@ -25,6 +25,8 @@ from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.cli import core as cli
 from vaekit.library import ResolvedVAE, resolve_vae
 from vaekit.vae import VAE, load_vae
+
+T = TypeVar("T")
 
 # --- shared options ----------------------------------------------------------------------------------------------
 
@@ -39,7 +41,10 @@ PrecisionOption = Annotated[
     str, typer.Option("--precision", help="auto, fp32, fp16 or bf16 (auto: the fastest that is safe for this VAE).")
 ]
 TilingOption = Annotated[
-    str, typer.Option("--tiling", help="auto, on or off (auto: tile only when the image does not fit in memory).")
+    str,
+    typer.Option(
+        "--tiling", help="auto, off, exact or fast (auto: tile only when the image does not fit the memory budget)."
+    ),
 ]
 MaxMemoryOption = Annotated[
     str | None, typer.Option("--max-memory", help="Memory budget for one pass, e.g. 3GB or 512MiB (default: free).")
@@ -159,6 +164,32 @@ def writing(dest: Path) -> Iterator[None]:
             ) from None
         reason = e.strerror or str(e)
         raise VaekitError(f"{dest}: cannot write ({reason}); nothing was written") from None
+
+
+def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
+    """Iterate with a Rich progress bar and ETA on stderr (hidden when stderr is not a terminal)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=cli.err, disable=not cli.err.is_terminal, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        for item in items:
+            yield item
+            progress.advance(task)
 
 
 def note(message: str) -> None:
