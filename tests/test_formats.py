@@ -65,7 +65,8 @@ def test_kl_loads_through_every_layout_with_parity(tmp_path: Path, name: str) ->
     unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3)}
     save_file({**{f"first_stage_model.{k}": v for k, v in ldm.items()}, **unet}, tmp_path / "ckpt.safetensors")
     save_file({f"vae.{k}": v for k, v in ldm.items()}, tmp_path / "vaeprefix.safetensors")
-    torch.save({"state_dict": {f"first_stage_model.{k}": v for k, v in ldm.items()}, "global_step": 7}, tmp_path / "m.ckpt")
+    wrapped = {"state_dict": {f"first_stage_model.{k}": v for k, v in ldm.items()}, "global_step": 7}
+    torch.save(wrapped, tmp_path / "m.ckpt")
     # 4. fp16 file (loaded as fp32 by default)
     half = {k: v.half() for k, v in ldm.items()}
     save_file(half, tmp_path / "half.safetensors")
