@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,15 @@ from PIL import Image
 
 from vaekit.errors import BadInputError
 from vaekit.ops.images import crop_padding, load_image, pad_to_multiple, read_image, save_image
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared, loaded CPU, OpenMP barriers make tiny models many times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _gradient(h: int, w: int) -> np.ndarray:
