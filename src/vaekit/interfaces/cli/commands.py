@@ -8,3 +8,4 @@ from vaekit.interfaces.cli import convert_cmd  # noqa: F401
 from vaekit.interfaces.cli import codec_cmd  # noqa: F401
 from vaekit.interfaces.cli import compare_cmd  # noqa: F401
 from vaekit.interfaces.cli import cache_cmd  # noqa: F401
+from vaekit.interfaces.cli import latent_cmd  # noqa: F401
