@@ -171,7 +171,7 @@ def _fake_tiling(estimate: int, calls: list[tuple]) -> types.SimpleNamespace:
     def tiled_encode(model, x, mode, max_memory, tile_size, fp32_fallback=True):  # noqa: ANN001, ANN202
         calls.append(("tiled_encode", mode, max_memory, tile_size, tuple(x.shape)))
         mean, logvar = model.encode(x)
-        return torch.cat([mean, logvar], 1), types.SimpleNamespace(notes=["tile 0 recomputed in fp32"])
+        return (mean, logvar), types.SimpleNamespace(notes=["tile 0 recomputed in fp32"])
 
     def tiled_decode(model, z, mode, max_memory, tile_size, fp32_fallback=True):  # noqa: ANN001, ANN202
         calls.append(("tiled_decode", mode, max_memory, tile_size, tuple(z.shape)))

@@ -239,8 +239,8 @@ def _runner(
             fn = tiling.tiled_encode if op == "encode" else tiling.tiled_decode  # type: ignore[union-attr]
             out, report = fn(model, x, plan.mode, plan.budget, opts.tile_size, fp32_fallback=True)
             notes.extend(_report_notes(report))
-            return out
-        out = _model_fn(model, op, opts.compile)(x)
+        else:
+            out = _model_fn(model, op, opts.compile)(x)
         if isinstance(out, tuple):  # KL encode: (mean, logvar) -> moments
             out = torch.cat(out, dim=1)
         return out
