@@ -6,6 +6,7 @@ from vaekit.interfaces.cli import library_cmd  # noqa: F401
 from vaekit.interfaces.cli import checkpoint_cmd  # noqa: F401
 from vaekit.interfaces.cli import convert_cmd  # noqa: F401
 from vaekit.interfaces.cli import codec_cmd  # noqa: F401
+from vaekit.interfaces.cli import serve_cmd  # noqa: F401
 from vaekit.interfaces.cli import compare_cmd  # noqa: F401
 from vaekit.interfaces.cli import cache_cmd  # noqa: F401
 from vaekit.interfaces.cli import latent_cmd  # noqa: F401

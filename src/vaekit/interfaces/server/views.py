@@ -1,0 +1,46 @@
+"""What the UI shows beside a round trip: the compare feature's metrics, a difference heat map, latent channels."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from vaekit.eval import metrics as eval_metrics
+from vaekit.latent.channels import channel_images as latent_channel_images
+from vaekit.latent.channels import channel_stats
+from vaekit.latent.render import heat_colors, upscale_nearest
+
+DIFF_GAIN = 4.0  # the difference image is amplified so small errors are visible
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None  # JSON has no NaN: "not measurable" is null
+
+
+def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, Any]:
+    """The metrics ``vaekit compare`` reports for one image (PSNR, SSIM, MS-SSIM, colour fidelity), the mean
+    absolute error, and the compare feature's plain-words colour warnings."""
+    values = eval_metrics.image_metrics(original, reconstruction)
+    out: dict[str, Any] = {k: _finite(float(v)) for k, v in values.items()}
+    out["ms_ssim_scales"] = int(values["ms_ssim_scales"])
+    out["mae"] = float(torch.mean(torch.abs(original.float() - reconstruction.float())))
+    nan = math.nan
+    out["flags"] = eval_metrics.colour_flags(
+        values.get("saturation_ratio", nan), values.get("colourfulness_change", nan), values.get("delta_e", nan)
+    )
+    return out
+
+
+def difference_image(original: torch.Tensor, reconstruction: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
+    """Per-pixel error as a heat map (3, H, W): mean absolute difference over the channels, amplified."""
+    diff = (original.float() - reconstruction.float()).abs().mean(dim=0)
+    return heat_colors((diff * gain).clamp(0, 1))
+
+
+def channel_images(latent: torch.Tensor, scale: int) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """Each channel of a latent (C, h, w) as a greyscale image stretched to its own min..max and enlarged ``scale``
+    times (nearest), with its statistics (``vaekit.latent.channels``)."""
+    images = upscale_nearest(latent_channel_images(latent), scale)
+    return [(img, stats.to_dict()) for img, stats in zip(images, channel_stats(latent), strict=True)]
