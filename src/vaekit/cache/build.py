@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import json
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -98,8 +99,8 @@ def collect_images(inputs: Sequence[PathLike] | PathLike) -> list[Path]:
 
 
 def weights_sha256(vae: VAE) -> str:
-    """SHA-256 over the VAE's tensors (names, dtypes, shapes, bytes): identifies the weights that made a latent."""
-    h = hashlib.sha256()
+    """SHA-256 over the VAE's architecture and tensors (names, dtypes, shapes, bytes): identifies what made a latent."""
+    h = hashlib.sha256(json.dumps(vae.config.to_dict(), sort_keys=True).encode())
     for name, t in sorted(vae.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -141,7 +142,11 @@ def _mismatch(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 @contextlib.contextmanager
 def _locked(cache_dir: Path) -> Iterator[None]:
-    """One writer per cache: a second run on the same folder is refused instead of corrupting the first."""
+    """One writer per cache: a second run on the same folder is refused instead of corrupting the first.
+
+    A POSIX record lock (``lockf``), not ``flock``: it belongs to this process only, so worker processes forked
+    from it do not inherit it, and a killed run's orphaned workers cannot keep the next run out.
+    """
     try:
         import fcntl
     except ImportError:  # pragma: no cover - not POSIX: no advisory locks, one writer is the user's job
@@ -149,13 +154,13 @@ def _locked(cache_dir: Path) -> Iterator[None]:
         return
     with open(cache_dir / LOCK_NAME, "a+") as f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise BadInputError(f"{cache_dir}: another vaekit cache run is writing this cache") from None
         try:
             yield
         finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.lockf(f.fileno(), fcntl.LOCK_UN)
 
 
 def _write_error(e: OSError, cache_dir: Path, committed: int) -> VaekitError:

@@ -208,9 +208,11 @@ def run_ray(
         actors = max(1, min(workers or slots, len(tasks)))
         spec = ray.put(_model_spec(vae))
         settings_dict = asdict(settings)
-        per_call = settings.batch_size * 4
+        # Rows per actor call: up to 4 groups, fewer when that would leave actors idle; whole groups only.
+        b = settings.batch_size
+        per_call = b * max(1, min(4, -(-len(tasks) // (actors * b))))
         rows = [{"key": t.key, "path": t.path, "sha": t.content_sha256} for t in tasks]
-        ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), -(-len(rows) // per_call))))
+        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call))
         if separate:
             ds = ds.map_batches(
                 _prepare_rows, fn_kwargs={"params": params.to_dict()}, batch_size=per_call, num_cpus=1
