@@ -294,11 +294,12 @@ def _first_line(e: BaseException) -> str:
 
 
 # --- the measurement -----------------------------------------------------------------------------------------------
-def _warm_up(vae: VAE, opts: pipeline.CodecOptions, latents_only: bool) -> None:
+def _warm_up(vae: VAE, opts: pipeline.CodecOptions, latents_only: bool, side: int) -> None:
     """One untimed pass so one-time costs (kernel selection, the precision copy) are not billed to image 1."""
-    x = torch.rand(3, WARMUP_SIZE, WARMUP_SIZE, generator=torch.Generator().manual_seed(0))
+    side = max(vae.downscale, min(WARMUP_SIZE, side) // vae.downscale * vae.downscale)
+    x = torch.rand(3, side, side, generator=torch.Generator().manual_seed(0))
     if latents_only:
-        z = torch.zeros(vae.latent_channels, WARMUP_SIZE // vae.downscale, WARMUP_SIZE // vae.downscale)
+        z = torch.zeros(vae.latent_channels, side // vae.downscale, side // vae.downscale)
         pipeline.decode(vae, z, opts)
         return
     enc = pipeline.encode(vae, x, opts)
@@ -351,6 +352,7 @@ def compare(
     report_dir: PathLike | None = None,
     overwrite: bool = False,
     amplify: float = 5.0,
+    warmup: bool = True,
     progress: Progress | None = None,
 ) -> Comparison:
     """Round-trip ``images`` through every VAE x precision x tiling and measure each reconstruction.
@@ -359,7 +361,8 @@ def compare(
     a glob, or a list of paths and (3, H, W) tensors in [0, 1]. ``latents_from``: encode every image with this VAE
     and decode with each compared VAE (a decoder swap); one that cannot decode those latents is "incompatible".
     ``lpips_weights`` / ``inception_weights``: local backbone files; without them LPIPS / rFID are skipped (never
-    downloaded). ``report_dir``: also write report.html/json/csv with images and charts there.
+    downloaded). ``report_dir``: also write report.html/json/csv with images and charts there. ``warmup``: one
+    untimed pass per row first, so one-time costs do not inflate the first image's timing.
     """
     from vaekit.eval import perceptual
     from vaekit.eval.report import ReportWriter
@@ -421,8 +424,8 @@ def compare(
     multi = len(precisions) * len(tilings) > 1
     rows: list[Row] = []
     labels: set[str] = set()
-    real_images: dict[str, list[torch.Tensor]] = {}
-    fake_images: dict[str, list[torch.Tensor]] = {}
+    fake_images: dict[str, list[torch.Tensor]] = {}  # reconstructions, kept only for rFID
+    keep_outputs = inception is not None
     for spec in vaes:
         name = _spec_name(spec)
         try:
@@ -446,7 +449,9 @@ def compare(
                 if source_latents is not None and source_family != vae.family:
                     row.notes.append(f"decodes {source_family} latents with a {vae.family} VAE")
                 say(f"{label}: {len(loaded)} image(s)")
-                _measure_row(row, vae, loaded, source_latents, dev, lpips_model, writer, fake_images, say)
+                _measure_row(
+                    row, vae, loaded, source_latents, dev, lpips_model, writer, fake_images, say, warmup, keep_outputs
+                )
         del vae
 
     # rFID: one value per row over the whole image set.
@@ -454,7 +459,6 @@ def compare(
         real = [im.rgb for im in loaded]
         for row in rows:
             if row.ok and row.label in fake_images:
-                real_images.setdefault("x", real)
                 row.set_values["rfid"] = perceptual.rfid(inception, real, fake_images[row.label])
         metric_keys.insert(metric_keys.index("saturation_ratio"), "rfid")
 
@@ -511,6 +515,8 @@ def _measure_row(
     writer: Any,
     fake_images: dict[str, list[torch.Tensor]],
     say: Progress,
+    warmup: bool,
+    keep_outputs: bool,
 ) -> None:
     """Fill ``row`` with the per-image values of ``vae`` at the row's precision and tiling (or its failure)."""
     from vaekit.eval import perceptual
@@ -518,7 +524,9 @@ def _measure_row(
     row.values["ms_ssim_scales"] = [math.nan] * len(loaded)
     try:
         opts = pipeline.CodecOptions(precision=row.precision, tiling=row.tiling)
-        _warm_up(vae, opts, latents_only=source_latents is not None)
+        if warmup:
+            side = min(min(im.rgb.shape[1:]) for im in loaded)
+            _warm_up(vae, opts, latents_only=source_latents is not None, side=side)
     except BadInputError as e:
         if source_latents is not None:
             row.status, row.reason = STATUS_INCOMPATIBLE, f"cannot decode these latents: {_first_line(e)}"
@@ -554,6 +562,8 @@ def _measure_row(
                 row.values[key][i] = v
         if writer is not None:
             row.files.append(writer.reconstruction(row.label, im.info.name, im.rgb, out))
-        fakes.append(out)
+        if keep_outputs:
+            fakes.append(out)
         say(f"  {im.info.name}: PSNR {values['psnr']:.2f} dB, SSIM {values['ssim']:.4f}")
-    fake_images[row.label] = fakes
+    if keep_outputs:
+        fake_images[row.label] = fakes
