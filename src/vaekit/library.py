@@ -321,14 +321,22 @@ def scan(
             key = str(path.resolve())
             try:
                 _, size, mtime = _stat_key(path)
-                hit = cache.get(key)
-                if hit and hit.get("size") == size and hit.get("mtime_ns") == mtime:
-                    if "error" in hit:
-                        warnings.append(f"{path}: skipped, {hit['error']}")
-                        continue
+            except (OSError, LoadError) as e:
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else _strip_path(str(e), path)
+                warnings.append(f"{path}: skipped, cannot read it ({reason})")
+                continue
+            hit = cache.get(key)
+            if hit and hit.get("size") == size and hit.get("mtime_ns") == mtime:
+                if "error" in hit:
+                    warnings.append(f"{path}: skipped, {hit['error']}")
+                    continue
+                try:
                     entries.append(LibraryEntry(**{**hit, "path": str(path)}))
                     cached += 1
                     continue
+                except TypeError:
+                    pass  # an entry written by another vaekit version: read the file again
+            try:
                 entry = describe_file(path)
             except LoadError as e:
                 reason = _strip_path(str(e), path)

@@ -132,7 +132,7 @@ def bake_vae(
         raise BadInputError(f"{checkpoint}: a bare VAE file, not a checkpoint; nothing to bake into")
     if det is None:
         if not is_diffusion_checkpoint(f.keys()):
-            raise BadInputError(f"{checkpoint}: neither a VAE nor a diffusion model found in it; is it a checkpoint?")
+            raise BadInputError(f"{checkpoint}: neither a VAE nor a diffusion model found in it; is this a checkpoint?")
         prefix, layout, dtype = keymaps.CHECKPOINT_PREFIXES[0], "ldm", _main_float_dtype(f.dtypes)
         old_keys: set[str] = set()
         notes.append(f"the checkpoint had no VAE; added one under {prefix}")

@@ -10,6 +10,7 @@ Use the ``*Option`` aliases in command signatures so flags are spelled and docum
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping
@@ -138,7 +139,16 @@ def expand_images(inputs: list[str]) -> list[Path]:
 
     paths: list[Path] = []
     for item in inputs:
-        paths.extend(builtin_image_paths() if item == "builtin" else list_images([item]))
+        if item == "builtin":
+            paths.extend(builtin_image_paths())
+        elif not Path(item).exists() and any(c in item for c in "*?["):
+            # glob.glob takes absolute patterns too (Path.glob does not); "**" matches folders recursively
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise BadInputError(f"{item}: no such file, folder or matching glob")
+            paths.extend(list_images(matches))
+        else:
+            paths.extend(list_images([item]))
     if not paths:
         raise BadInputError(f"no images found in {' '.join(inputs)}; give image files, folders, globs or `builtin`")
     return list(dict.fromkeys(paths))
