@@ -181,7 +181,9 @@ def test_convert_round_trips(tmp_path: Path, env: dict[str, str], capsys: pytest
     got = load_file(str(back))
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
     half = tmp_path / "half.safetensors"
-    code, out, err = cli(capsys, env, "convert", str(src), "-o", str(half), "--dtype", "fp16", "--json")
+    code, out, err = cli(
+        capsys, env, "convert", str(src), "-o", str(half), "--dtype", "fp16", "--probe-size", "32", "--json"
+    )
     assert code == 0 and json.loads(out)["fp16"]["verdict"] == "safe" and "warning" not in err
     got = load_file(str(half))
     assert all(got[k].dtype == torch.float16 and torch.equal(got[k], want[k].half()) for k in want)
@@ -218,7 +220,18 @@ def test_convert_warns_when_fp16_overflows(
     tmp_path: Path, env: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
     hot = write_vae(tmp_path / "hot.safetensors", scale_decoder_in=3e5)
-    code, _, err = cli(capsys, env, "convert", str(hot), "-o", str(tmp_path / "h16.safetensors"), "--dtype", "fp16")
+    code, _, err = cli(
+        capsys,
+        env,
+        "convert",
+        str(hot),
+        "-o",
+        str(tmp_path / "h16.safetensors"),
+        "--dtype",
+        "fp16",
+        "--probe-size",
+        "32",
+    )
     assert code == 0 and "warning:" in err and "overflows fp16" in err and "bf16" in err
     assert (tmp_path / "h16.safetensors").is_file()
 

@@ -32,6 +32,7 @@ def convert_command(
     probe: Annotated[
         bool, typer.Option("--probe/--no-probe", help="Check fp16's range on a probe photo before writing fp16.")
     ] = True,
+    probe_size: Annotated[int, typer.Option("--probe-size", help="Side of the probe photo in pixels.")] = PROBE_SIZE,
     overwrite: OverwriteOption = False,
     as_json: JsonOption = False,
 ) -> None:
@@ -55,7 +56,7 @@ def convert_command(
         "fp16": None,
     }
     if torch_dtype == torch.float16 and probe:
-        act = activation_range(load_vae(file, device="cpu", family=family), size=PROBE_SIZE)
+        act = activation_range(load_vae(file, device="cpu", family=family), size=probe_size)
         result["fp16"] = act.to_dict()
         if act.verdict() != "safe":
             warn(
