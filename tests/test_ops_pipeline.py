@@ -275,3 +275,22 @@ def test_bad_crop_and_options(micro: VAE) -> None:
         CodecOptions(tiling="yes")
     with pytest.raises(BadInputError, match="max_memory"):
         CodecOptions(max_memory=0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_fast_blocks_match_the_plain_model(micro: VAE, channels_last: bool) -> None:
+    """The rewritten inference blocks (fused qkv, 2x2 phase upsampling, in-place SiLU) compute the same maths."""
+    x = torch.rand(2, 3, 27, 45)
+    plain = CodecOptions(fast=False, channels_last=False)
+    fast = CodecOptions(fast=True, channels_last=channels_last)
+    e_plain, d_plain = roundtrip(micro, x, plain)
+    e_fast, d_fast = roundtrip(micro, x, fast)
+    torch.testing.assert_close(e_fast.latents, e_plain.latents, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(d_fast.images, d_plain.images, rtol=1e-4, atol=1e-5)
+    from vaekit.ops.fastpath import FastAttnBlock, FastUpsample
+    from vaekit.ops.precision import execution_model
+
+    copy = execution_model(micro.model, torch.float32, torch.device("cpu"), channels_last, fast=True)
+    kinds = {type(m) for m in copy.modules()}
+    assert FastUpsample in kinds and FastAttnBlock in kinds
+    assert {type(m) for m in micro.model.modules()}.isdisjoint({FastUpsample, FastAttnBlock})

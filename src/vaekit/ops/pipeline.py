@@ -46,6 +46,7 @@ class CodecOptions:
     compile: bool = False  # torch.compile the model's encode/decode
     device: str | None = None  # run on another device than the weights' (a converted copy is cached)
     channels_last: bool = True  # NHWC activations: faster convolutions with oneDNN and cuDNN
+    fast: bool = True  # run rewritten inference blocks (vaekit.ops.fastpath): same maths, fewer operations
 
     def __post_init__(self) -> None:
         prec.parse_precision(self.precision)
@@ -231,7 +232,8 @@ def _runner(
     """A function (dtype, x in model space) -> model output in model space, untiled or tiled."""
 
     def run(dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
-        model = prec.execution_model(vae.model, dtype, dev, opts.channels_last)
+        # The tiling module walks the model's own blocks, so only untiled runs get the rewritten fast blocks.
+        model = prec.execution_model(vae.model, dtype, dev, opts.channels_last, fast=opts.fast and not plan.tiled)
         fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
         x = x.to(device=dev, dtype=dtype, memory_format=fmt)
         if plan.tiled:

@@ -16,6 +16,10 @@ import torch
 from torch import nn
 
 from vaekit.errors import BadInputError, VaekitError
+from vaekit.models.blocks import AttnBlock, ResnetBlock, Upsample
+from vaekit.ops.fastpath import optimize_for_inference
+
+FAST_BLOCKS = (AttnBlock, ResnetBlock, Upsample)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,12 +99,16 @@ def _matches(model: nn.Module, dtype: torch.dtype, device: torch.device, channel
 
 
 def execution_model(
-    model: nn.Module, dtype: torch.dtype, device: torch.device, channels_last: bool = False
+    model: nn.Module, dtype: torch.dtype, device: torch.device, channels_last: bool = False, fast: bool = False
 ) -> nn.Module:
-    """``model`` itself when it already has this dtype/device/layout, else a cached converted copy of it."""
-    if _matches(model, dtype, device, channels_last):
+    """``model`` itself when it already has this dtype/device/layout, else a cached converted copy of it.
+
+    ``fast=True`` also rewrites the copy's blocks into their inference forms (:mod:`vaekit.ops.fastpath`).
+    """
+    fast = fast and any(type(m) in FAST_BLOCKS for m in model.modules())
+    if not fast and _matches(model, dtype, device, channels_last):
         return model
-    key = (dtype, str(device), channels_last)
+    key = (dtype, str(device), channels_last, fast)
     per_model = _REPLICAS.setdefault(model, {})
     sig = _signature(model)
     cached = per_model.get(key)
@@ -108,7 +116,10 @@ def execution_model(
         return cached[1]
     per_model.pop(key, None)
     with torch.no_grad():
-        replica = copy.deepcopy(model).to(device=device, dtype=dtype)
+        replica = copy.deepcopy(model)
+        if fast:
+            replica = optimize_for_inference(replica)
+        replica = replica.to(device=device, dtype=dtype)
         if channels_last:
             replica = replica.to(memory_format=torch.channels_last)
     replica.eval().requires_grad_(False)
