@@ -338,6 +338,22 @@ def test_anomaly_model_file_calibration_and_refusals(tmp_path) -> None:
         anomaly.fit_anomaly(vae, normal, fpr=1.5)
 
 
+def test_anomaly_kl_term_matches_torch_distributions() -> None:
+    from torch.distributions import MultivariateNormal, kl_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    mean, var = torch.randn(5, 4, generator=gen).double(), torch.rand(5, 4, generator=gen).double() + 0.1
+    a = torch.randn(4, 4, generator=gen).double()
+    prior_mean, prior_cov = torch.randn(4, generator=gen).double(), a @ a.T + torch.eye(4, dtype=torch.float64)
+    measured = anomaly._Measured(torch.zeros(3, 1, 1), torch.zeros(1, 1), mean, var)
+    q = MultivariateNormal(mean, torch.diag_embed(var))
+    expected = kl_divergence(q, MultivariateNormal(prior_mean, prior_cov)).sum()
+    assert anomaly._latent_nats(measured, prior_mean, prior_cov) == pytest.approx(float(expected), rel=1e-9)
+    point = anomaly._Measured(torch.zeros(3, 1, 1), torch.zeros(1, 1), mean, None)  # deterministic encoder
+    nll = -MultivariateNormal(prior_mean, prior_cov).log_prob(mean).sum()
+    assert anomaly._latent_nats(point, prior_mean, prior_cov) == pytest.approx(float(nll), rel=1e-9)
+
+
 def test_anomaly_tiny_vae_uses_the_latent_cross_entropy(small_tiny_vae: VAE) -> None:
     normal = [_photo(i, 16) for i in range(3)]
     model = anomaly.fit_anomaly(small_tiny_vae, normal)
@@ -375,7 +391,10 @@ def test_cli_sample_interpolate_noise_augment(tmp_path, vae_file, capsys) -> Non
     assert main(["noise", str(a), "--t", "1001", "-o", str(tmp_path / "n2.png"), *vae]) == 2
     assert "outside [0, 1000]" in capsys.readouterr().err
     assert not (tmp_path / "n2.png").exists()
-    assert main(["augment", str(a), str(b), "--n", "2", "--seed", "1", "-o", str(tmp_path / "aug"), *vae]) == 0
+    sheet = tmp_path / "sheet.png"
+    args = ["augment", str(a), str(b), "--n", "2", "--seed", "1", "-o", str(tmp_path / "aug"), "--sheet", str(sheet)]
+    assert main([*args, *vae]) == 0
+    assert Image.open(sheet).size == (3 * 24 + 4 * 2, 2 * 24 + 3 * 2)  # rows: an image, then its 2 variants
     assert sorted(p.name for p in (tmp_path / "aug").iterdir()) == [
         "a_aug00.png",
         "a_aug01.png",

@@ -82,3 +82,15 @@ def label(image: torch.Tensor, text: str, height: int = 12) -> torch.Tensor:
     ImageDraw.Draw(pil).text((2, 0), text, fill="black")
     band = torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1)
     return torch.cat([band, image.float().cpu()], dim=1)
+
+
+def fit_box(image: torch.Tensor, size: int, fill: float = 1.0) -> torch.Tensor:
+    """Scale a (3, H, W) image to fit a ``size`` x ``size`` square (aspect kept), centred on a ``fill`` background."""
+    h, w = image.shape[-2:]
+    s = size / max(h, w)
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    scaled = F.interpolate(image[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.full((3, size, size), fill)
+    y, x = (size - nh) // 2, (size - nw) // 2
+    out[:, y : y + nh, x : x + nw] = scaled[0].clamp(0, 1)
+    return out

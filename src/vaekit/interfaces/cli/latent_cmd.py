@@ -30,6 +30,7 @@ from vaekit.ops.images import IMAGE_SUFFIXES, load_image, save_image
 from vaekit.vae import load_vae
 
 DEFAULT_TIMESTEPS = "0,100,250,500,750,1000"
+SHEET_TILE = 128  # pixels per picture on contact sheets
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed (the same seed gives the same result).")]
 
 
@@ -55,6 +56,11 @@ def _out_dir(dest: Path, names: list[str], overwrite: bool) -> None:
 
 def _image(path: Path) -> torch.Tensor:
     return load_image(path).rgb
+
+
+def _sheet_tile(images: list[torch.Tensor]) -> int:
+    """Side of the square each picture gets on a contact sheet: the largest image's, at most SHEET_TILE."""
+    return min(SHEET_TILE, max(max(img.shape[-2:]) for img in images))
 
 
 def _resize_max(image: torch.Tensor, max_side: int | None) -> torch.Tensor:
@@ -127,8 +133,10 @@ def interpolate_command(
     """Encode two images, walk between their latents (slerp or lerp) and decode every step."""
     if animation not in ("gif", "webp", "none"):
         raise BadInputError(f"--animation {animation!r}: use gif, webp or none")
+    if steps < 2:
+        raise BadInputError(f"--steps must be at least 2 (the two endpoints), got {steps}")
     a, b = _image(image_a), _image(image_b)
-    names = [f"frame_{i:03d}.png" for i in range(max(steps, 0))] + ["grid.png"]
+    names = [f"frame_{i:03d}.png" for i in range(steps)] + ["grid.png"]
     names += [] if animation == "none" else [f"animation.{animation}"]
     interpolation.match_size(a, b, resize)  # refuse mismatched sizes before loading the VAE
     if method not in interpolation.METHODS:
@@ -224,8 +232,8 @@ def fit_preview_command(
         ("baseline: mean colour", f"{fit.psnr_mean_colour_db:.2f} dB"),
         ("baseline: grey (zero map)", f"{fit.psnr_grey_db:.2f} dB"),
         (
-            f"published {model.family} factors",
-            "-" if fit.psnr_published_db is None else f"{fit.psnr_published_db:.2f} dB",
+            f"published factors ({model.family})",
+            "none for this family" if fit.psnr_published_db is None else f"{fit.psnr_published_db:.2f} dB",
         ),
         ("decode time", f"{fit.decode_seconds * 1000:.1f} ms"),
         ("preview time", f"{fit.preview_seconds * 1000:.3f} ms"),
@@ -342,11 +350,16 @@ def augment_command(
     ] = None,
     seed: SeedOption = 0,
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the variants.")] = Path("augmented"),
+    sheet: Annotated[
+        Path | None, typer.Option("--sheet", help="Also write a contact sheet: each image, then its variants.")
+    ] = None,
     vae: VaeOption = None,
     device: DeviceOption = "auto",
     overwrite: OverwriteOption = False,
 ) -> None:
     """Data augmentation in latent space: perturb each image's latent and decode (seeded)."""
+    if n < 1:
+        raise BadInputError(f"--n must be at least 1, got {n}")
     paths = expand_images(images)
     stems: list[str] = []
     for p in paths:
@@ -354,16 +367,23 @@ def augment_command(
         while stem in stems:
             stem += "_"
         stems.append(stem)
-    names = [f"{stem}_aug{k:02d}.png" for stem in stems for k in range(max(n, 0))]
+    names = [f"{stem}_aug{k:02d}.png" for stem in stems for k in range(n)]
     if mode not in augmentation.MODES:
         raise BadInputError(f"unknown augmentation {mode!r}: use noise or neighbours")
     _out_dir(output, names, overwrite)
     model = load_selected_vae(vae, device)
-    variants = augmentation.augment(model, [_image(p) for p in paths], n, mode, strength, seed)  # type: ignore[arg-type]
+    if sheet is not None:
+        refuse_existing(sheet, overwrite)
+    originals = [_image(p) for p in paths]
+    variants = augmentation.augment(model, originals, n, mode, strength, seed)  # type: ignore[arg-type]
     with writing(output):
         for stem, batch in zip(stems, variants, strict=True):
             for k, img in enumerate(batch):
                 save_image(img, output / f"{stem}_aug{k:02d}.png")
+    if sheet is not None:
+        side = _sheet_tile(originals)
+        tiles = [render.fit_box(img, side) for o, b in zip(originals, variants, strict=True) for img in (o, *b)]
+        _save(render.grid(torch.stack(tiles), columns=n + 1), sheet, overwrite)
     _say(f"{n} {mode} variants of {len(paths)} image(s) -> {output}/")
 
 
@@ -417,6 +437,9 @@ def anomaly_score_command(
     heatmaps: Annotated[
         Path | None, typer.Option("--heatmaps", help="Folder for a heatmap PNG per image (where reconstruction fails).")
     ] = None,
+    sheet: Annotated[
+        Path | None, typer.Option("--sheet", help="Also write a contact sheet: each image above its heatmap and score.")
+    ] = None,
     vae: VaeOption = None,
     device: DeviceOption = "auto",
     overwrite: OverwriteOption = False,
@@ -428,8 +451,18 @@ def anomaly_score_command(
     names = [f"{p.stem}_{i:03d}_heatmap.png" for i, p in enumerate(paths)]
     if heatmaps is not None:
         _out_dir(heatmaps, names, overwrite)
+    if sheet is not None:
+        refuse_existing(sheet, overwrite)
     model = load_selected_vae(vae, device)
-    results = anomaly.score_images(detector, model, (_image(p) for p in paths))
+    images = [_image(p) for p in paths]
+    results = anomaly.score_images(detector, model, images)
+    if sheet is not None:
+        columns = []
+        side = _sheet_tile(images)
+        for img, r in zip(images, results, strict=True):
+            tile = torch.cat([render.fit_box(img, side), render.fit_box(r.heatmap, side)], dim=1)
+            columns.append(render.label(tile, f"{r.score:.3f} {'ANOMALY' if r.anomalous else 'ok'}"))
+        _save(render.grid(torch.stack(columns), columns=min(len(columns), 8)), sheet, overwrite)
     if heatmaps is not None:
         with writing(heatmaps):
             for name, r in zip(names, results, strict=True):
