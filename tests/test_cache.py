@@ -461,3 +461,13 @@ def test_cli_cache_report_and_bad_flags(images: Path, tmp_path: Path, vae: VAE, 
     assert "unknown crop" in capsys.readouterr().err
     assert main([*base, "--engine", "spark"], env) == 2
     assert "unknown engine" in capsys.readouterr().err
+
+
+def test_tiny_vae_stores_its_deterministic_latents(images: Path, tmp_path: Path, small_tiny_vae: VAE) -> None:
+    cache = tmp_path / "cache"
+    run(images, cache, small_tiny_vae)
+    ds = vc.open(cache)
+    item = ds[4]  # img4 is exactly 32x32: no resize, no crop
+    assert "logvar" not in item and torch.equal(ds.sample(item), item["latents"])
+    x = torch.from_numpy(np.asarray(Image.open(item["path"]), np.float32) / 255).permute(2, 0, 1)
+    torch.testing.assert_close(item["latents"], one_thread(small_tiny_vae.encode, x[None])[0], atol=1e-5, rtol=1e-4)

@@ -416,6 +416,12 @@ def _run(
             if not isinstance(e, VaekitError) and writer.pending:
                 with contextlib.suppress(Exception):
                     writer.flush()
+            if isinstance(e, Exception) and not isinstance(e, VaekitError):
+                first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+                raise VaekitError(
+                    f"the {engine} engine failed ({type(e).__name__}: {first}); the {writer.committed} images "
+                    "committed so far are kept; rerun to finish"
+                ) from e
             raise
         finally:
             close = getattr(results, "close", None)

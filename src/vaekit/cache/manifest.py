@@ -8,6 +8,7 @@ disk, so the manifest never names a half-written shard and a crash at any point 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -103,6 +104,7 @@ class Manifest:
     """Read and change a cache's manifest. Writers hold the cache lock (see :mod:`vaekit.cache.build`)."""
 
     def __init__(self, cache_dir: Path, readonly: bool = False) -> None:
+        self.readonly = readonly
         self.path = Path(cache_dir) / MANIFEST_NAME
         if readonly:
             if not self.path.is_file():
@@ -129,7 +131,10 @@ class Manifest:
             raise BadInputError(f"{self.path}: made by a newer vaekit (schema {version}); upgrade vaekit")
 
     def close(self) -> None:
-        """Close the database."""
+        """Close the database (a writer leaves it as one self-contained file, readable from read-only media)."""
+        if not self.readonly:
+            with contextlib.suppress(sqlite3.Error):
+                self.conn.execute("PRAGMA journal_mode=DELETE")
         self.conn.close()
 
     @contextmanager

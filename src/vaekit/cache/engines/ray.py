@@ -208,9 +208,11 @@ def run_ray(
         actors = max(1, min(workers or slots, len(tasks)))
         spec = ray.put(_model_spec(vae))
         settings_dict = asdict(settings)
-        # Rows per actor call: up to 4 groups, fewer when that would leave actors idle; whole groups only.
+        # Rows per actor call: one group while that keeps the actors evenly loaded (a few calls each would leave
+        # one actor idle at the end), up to 4 groups for long runs where per-call overhead starts to count.
         b = settings.batch_size
-        per_call = b * max(1, min(4, -(-len(tasks) // (actors * b))))
+        per_call = b * max(1, min(4, len(tasks) // (actors * b * 16)))
+        pool = ray.data.ActorPoolStrategy(size=actors)
         rows = [{"key": t.key, "path": t.path, "sha": t.content_sha256} for t in tasks]
         ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call))
         if separate:
@@ -220,7 +222,7 @@ def run_ray(
                 _Encode,
                 fn_constructor_kwargs={"spec": spec, "settings": settings_dict, "device": str(vae.device)},
                 batch_size=per_call,
-                concurrency=actors,
+                compute=pool,
                 num_gpus=1 if use_gpu else 0,
                 num_cpus=1 if use_gpu else settings.threads,
             )
@@ -229,7 +231,7 @@ def run_ray(
                 _PrepareEncode,
                 fn_constructor_kwargs={"spec": spec, "params": params.to_dict(), "settings": settings_dict},
                 batch_size=per_call,
-                concurrency=actors,
+                compute=pool,
                 num_cpus=settings.threads,
             )
         store = DTYPES[settings.store_dtype]
