@@ -70,7 +70,7 @@ class FastUpsample(nn.Module):
                 kernels.append(cols[b])
         weight = torch.cat(kernels, 0).to(up.conv.weight.dtype)  # (4 O, I, 2, 2), phases (0,0) (0,1) (1,0) (1,1)
         bias = up.conv.bias.detach().repeat(4) if up.conv.bias is not None else None
-        self.conv = nn.Conv2d(w.shape[1], 4 * w.shape[0], 2, bias=bias is not None, device=weight.device)
+        self.conv = nn.Conv2d(w.shape[1], 4 * w.shape[0], 2, padding=1, bias=bias is not None, device=weight.device)
         with torch.no_grad():
             self.conv.weight.copy_(weight)
             if bias is not None:
@@ -80,14 +80,12 @@ class FastUpsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, _, h, w = x.shape
         o = self.out_channels
-        y = self.conv(F.pad(x, (1, 1, 1, 1)))  # (n, 4 o, h + 1, w + 1)
-        # phase (a, b) lives at offset (a, b) of its block: out[2i + a, 2j + b] = y_ab[i + a, j + b]
-        phases = [y[:, k * o : (k + 1) * o, k // 2 : k // 2 + h, k % 2 : k % 2 + w] for k in range(4)]
-        top = torch.stack(phases[:2], dim=-1)  # (n, o, h, w, 2): even output rows
-        bottom = torch.stack(phases[2:], dim=-1)
-        out = torch.stack([top, bottom], dim=3).reshape(n, o, 2 * h, 2 * w)
-        if x.is_contiguous(memory_format=torch.channels_last):
-            out = out.contiguous(memory_format=torch.channels_last)
+        y = self.conv(x)  # (n, 4 o, h + 1, w + 1): padding 1 gives output p the input rows (p - 1, p)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        out = torch.empty((n, o, 2 * h, 2 * w), dtype=y.dtype, device=y.device, memory_format=fmt)
+        for k in range(4):  # phase (a, b): out[2i + a, 2j + b] = y_ab[i + a, j + b]; four strided copies
+            a, b = divmod(k, 2)
+            out[:, :, a::2, b::2] = y[:, k * o : (k + 1) * o, a : a + h, b : b + w]
         return out
 
 

@@ -1,0 +1,193 @@
+"""Encode/decode speed of vaekit against diffusers' AutoencoderKL, same random sd1 weights, one process.
+
+    .venv/bin/python benchmarks/bench_codec.py --size 512 --repeats 3 --threads 2
+
+Prints the environment, a table of median times (after warm-up), the ratios the project targets, and the PSNR of
+``auto`` precision against vaekit's fp32 output. Runs are interleaved (diffusers, vaekit, diffusers, ...) so load
+from other processes hits both alike; ``--ablate`` adds vaekit without channels-last / without the fast blocks.
+diffusers is a test-only dependency of vaekit; this script needs it installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def _env(threads: int) -> str:
+    from vaekit.ops.precision import cpu_flags, cpu_has_bf16_units, resolve_dtype
+
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    try:
+        load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        load = "n/a"
+    import diffusers
+
+    return "\n".join(
+        [
+            f"python {platform.python_version()}, torch {torch.__version__}, diffusers {diffusers.__version__}",
+            f"cpu: {cpu}; {os.cpu_count()} logical cores; torch threads {threads}; load average {load}",
+            f"torch cpu capability: {torch.backends.cpu.get_cpu_capability()}; flags: {' '.join(flags)}",
+            f"bf16 units (AMX / AVX512-BF16): {cpu_has_bf16_units()}; auto precision -> "
+            f"{str(resolve_dtype('auto', 'cpu')).removeprefix('torch.')}",
+        ]
+    )
+
+
+def _models(preset_name: str, seed: int) -> tuple[torch.nn.Module, object]:
+    """A random diffusers AutoencoderKL and the vaekit VAE holding the very same weights."""
+    from diffusers import AutoencoderKL as DiffusersKL
+
+    from vaekit.formats.convert import diffusers_to_ldm
+    from vaekit.formats.export import diffusers_config
+    from vaekit.models import build
+    from vaekit.models.config import preset
+    from vaekit.vae import VAE, VAEOrigin
+
+    cfg = preset(preset_name)
+    kwargs = diffusers_config(cfg)
+    kwargs.pop("_class_name")
+    torch.manual_seed(seed)
+    ref = DiffusersKL(**kwargs).eval().requires_grad_(False)
+    with torch.no_grad():  # GroupNorm starts as identity; perturb so the weights are not trivially structured
+        for m in ref.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+                m.bias.add_(torch.randn_like(m.bias) * 0.1)
+    model = build(cfg, device="meta")
+    model.load_state_dict(diffusers_to_ldm(ref.state_dict(), "kl"), assign=True)
+    return ref, VAE(model, cfg, VAEOrigin(name=f"{preset_name} (diffusers random init, seed {seed})"))
+
+
+def _photo(size: int) -> torch.Tensor:
+    """A real photograph (scikit-image's astronaut) resized to size x size, (1, 3, H, W) in [0, 1]."""
+    from PIL import Image
+
+    from vaekit.ops.images import builtin_image_paths
+
+    with Image.open(builtin_image_paths()[0]) as im:
+        im = im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    return data.reshape(size, size, 3).permute(2, 0, 1).unsqueeze(0).float() / 255
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = torch.mean((a.float() - b.float()) ** 2).item()
+    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def _time_interleaved(fns: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, list[float]]:
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (default 512)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per variant (median reported)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs per variant first")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--preset", default="sd1", help="architecture (default sd1, the real SD1 width)")
+    parser.add_argument("--ops", default="decode,encode,auto", help="comma list of decode, encode, auto")
+    parser.add_argument("--ablate", action="store_true", help="also time vaekit without channels-last / fast blocks")
+    args = parser.parse_args(argv)
+
+    from vaekit.ops.pipeline import CodecOptions, decode, encode
+
+    torch.set_num_threads(args.threads)
+    print(_env(args.threads))
+    ref, vae = _models(args.preset, seed=0)
+    image = _photo(args.size)
+    fp32 = CodecOptions(precision="fp32", tiling="off")
+    auto = CodecOptions(precision="auto", tiling="off")
+    latents = encode(vae, image, fp32).latents
+    raw = vae.unscale(latents)
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()]
+    rows: list[tuple[str, float, float, str, str]] = []
+
+    def ref_decode() -> torch.Tensor:
+        with torch.no_grad():  # as diffusers pipelines run it
+            return ref.decode(raw).sample
+
+    def ref_encode() -> torch.Tensor:
+        with torch.no_grad():
+            return ref.encode(image * 2 - 1).latent_dist.mode()
+
+    variants: dict[str, Callable[[], object]] = {}
+    if "decode" in ops or "auto" in ops:
+        variants["diffusers decode fp32"] = ref_decode
+    if "decode" in ops:
+        variants["vaekit decode fp32"] = lambda: decode(vae, latents, fp32)
+        if args.ablate:
+            variants["vaekit decode fp32, no channels-last"] = lambda: decode(
+                vae, latents, CodecOptions(tiling="off", channels_last=False)
+            )
+            variants["vaekit decode fp32, no fast blocks"] = lambda: decode(
+                vae, latents, CodecOptions(tiling="off", fast=False)
+            )
+    if "auto" in ops:
+        variants["vaekit decode auto"] = lambda: decode(vae, latents, auto)
+    if "encode" in ops:
+        variants["diffusers encode fp32"] = ref_encode
+        variants["vaekit encode fp32"] = lambda: encode(vae, image, fp32)
+        if args.ablate:
+            variants["vaekit encode fp32, no channels-last"] = lambda: encode(
+                vae, image, CodecOptions(tiling="off", channels_last=False)
+            )
+    print(f"\n{args.preset} {args.size}px: warm-up {args.warmup}, {args.repeats} timed runs each, interleaved")
+    times = _time_interleaved(variants, args.warmup, args.repeats)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"\n{'variant':<42} {'median s':>9} {'min s':>8} {'max s':>8}")
+    for name, ts in times.items():
+        print(f"{name:<42} {med[name]:>9.3f} {min(ts):>8.3f} {max(ts):>8.3f}")
+
+    # quality: agreement with diffusers and auto precision against vaekit fp32
+    ours = decode(vae, latents, fp32).images
+    theirs = ((ref_decode() + 1) / 2).clamp(0, 1)
+    print(f"\nvaekit fp32 vs diffusers fp32 decode: PSNR {_psnr(ours, theirs):.1f} dB")
+    print("\ntargets")
+    if "decode" in ops:
+        r = med["vaekit decode fp32"] / med["diffusers decode fp32"]
+        rows.append(("decode fp32: vaekit / diffusers time", r, 0.8, "<=", "PASS" if r <= 0.8 else "FAIL"))
+    if "encode" in ops:
+        r = med["vaekit encode fp32"] / med["diffusers encode fp32"]
+        rows.append(("encode fp32: vaekit / diffusers time", r, 0.8, "<=", "PASS" if r <= 0.8 else "FAIL"))
+    if "auto" in ops:
+        res = decode(vae, latents, auto)
+        speed = med["diffusers decode fp32"] / med["vaekit decode auto"]
+        dtype = str(res.dtype).removeprefix("torch.")
+        rows.append((f"decode auto ({dtype}): diffusers fp32 / vaekit time", speed, 4.0, ">=", _ok(speed >= 4.0)))
+        p = _psnr(res.images, ours)
+        rows.append((f"decode auto ({dtype}): PSNR vs vaekit fp32, dB", p, 40.0, ">=", _ok(p >= 40.0)))
+    for name, value, target, op, verdict in rows:
+        print(f"{name:<52} {value:>8.3f}  (target {op} {target})  {verdict}")
+
+
+def _ok(cond: bool) -> str:
+    return "PASS" if cond else "FAIL"
+
+
+if __name__ == "__main__":
+    main()
