@@ -1,0 +1,673 @@
+"""Tiled encode and decode within a memory budget: ``exact`` (what the untiled network computes) and ``fast``.
+
+KL autoencoder, exact: the network runs as stages split at every GroupNorm (see :mod:`vaekit.ops.tiling_engine`);
+each GroupNorm uses statistics gathered over the whole image from all tiles, each 3x3 conv reads a one-pixel halo
+from the whole input activation, and the mid-block attention attends over the whole latent with the queries cut
+into tiles and chunks. Whole activations live in RAM when the budget allows, else in temporary files.
+
+KL autoencoder, fast: the latent-resolution part (decoder conv_in, mid block, lowest level; encoder lowest level,
+mid block, conv_out) runs exactly as above - it is small. The high-resolution part runs once per tile with a halo
+covering its whole receptive field and GroupNorm statistics estimated on a downscaled copy of its input (the idea
+of the A1111 "Tiled VAE" extension): tiles agree exactly with each other, there are no seams to blend, and the only
+error left is that of the estimated statistics.
+
+Tiny autoencoder (no GroupNorm): each tile runs with a halo covering the receptive field, aligned to the downscale
+factor; both modes are exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vaekit.errors import BadInputError
+from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
+from vaekit.ops import tiling_engine as eng
+from vaekit.ops.tiling_engine import Stage
+
+MODES = ("exact", "fast")
+# Measured untiled peak / modelled live-tensor bytes (benchmarks/bench_tiling.py --calibrate); see docs/tiling.md.
+CALIBRATION = 1.15
+# Smallest tile side, in latent pixels, worth running from RAM stores before spilling whole activations to disk.
+MIN_RAM_TILE = 8
+_HUGE = 1 << 30
+DOWNSCALE_MODE = "nearest"
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How one tiled op runs: tile grid, halo, where whole activations are kept, and the estimated peak."""
+
+    mode: str
+    op: str
+    tile: int  # tile side in latent pixels
+    tile_px: int  # tile side in image pixels
+    grid: tuple[int, int]  # tile rows, tile columns
+    halo: int  # halo in latent pixels (exact KL: 1 conv pixel per stage, exchanged at every stage: 0 here)
+    store: str  # "ram" | "disk" (exact KL), "none" (tiny, fast hi-res part)
+    stats_downscale: int  # fast KL: downscale factor of the statistics pass (1 otherwise)
+    estimated_peak: int  # bytes, activations only (weights and the input excluded, the output included)
+    budget: int
+
+    @property
+    def tiles(self) -> int:
+        """Number of tiles."""
+        return self.grid[0] * self.grid[1]
+
+
+@dataclass
+class TileReport:
+    """What a tiled op did: the plan, passes over the data, notes (fp32 recomputes...) and measured error."""
+
+    plan: TilePlan
+    passes: int
+    notes: list[str] = field(default_factory=list)
+    error: dict[str, float] | None = None  # {"psnr_db", "max_abs", "rmse"} against untiled when asked
+
+    @property
+    def tiles(self) -> int:
+        """Number of tiles."""
+        return self.plan.tiles
+
+    @property
+    def tile_size(self) -> int:
+        """Tile side in image pixels."""
+        return self.plan.tile_px
+
+    @property
+    def halo(self) -> int:
+        """Halo in image pixels."""
+        return self.plan.halo * (self.plan.tile_px // max(self.plan.tile, 1))
+
+
+# --- network descriptions --------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _meta_model(cfg: VAEConfig) -> nn.Module:
+    from vaekit.models import build
+
+    return build(cfg, "meta")
+
+
+def _stages(model: nn.Module, op: str) -> list[Stage]:
+    return eng.decoder_stages(model) if op == "decode" else eng.encoder_stages(model)
+
+
+def _split(stages: list[Stage], op: str, in_shape: tuple[int, ...], latent_h: int) -> tuple[int, int]:
+    """(start, end) of the high-resolution part: the stages whose output is not at latent resolution."""
+    shapes = eng.store_shapes(stages, in_shape)
+    hi = [k for k, st in enumerate(stages) if shapes[st.dst][2] != latent_h]
+    return hi[0], hi[-1] + 1
+
+
+def _elt(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
+
+
+# --- memory model ----------------------------------------------------------------------------------------------
+def _area(shape: tuple[int, ...]) -> int:
+    return shape[0] * shape[2] * shape[3]
+
+
+def _untiled_stage_bytes(st: Stage, shapes: dict[str, tuple[int, ...]], e: int) -> int:
+    """Live bytes while the plain module forward runs the part of the network ``st`` stands for."""
+    src, out = shapes[st.src], shapes[st.dst]
+    cin, cout = src[1], out[1]
+    n_src, n_out = cin * _area(src), cout * _area(out)
+    live = n_src + n_out
+    if st.attn is not None:
+        live += 6 * n_src  # normed input, q, k, v, attention output, projection
+    elif st.resample == "up":
+        live += cin * _area(out)  # the nearest-upsampled copy
+    elif st.resample == "down":
+        live += n_src  # the padded copy
+    else:
+        live += 2 * n_src if st.norm is not None else n_src  # norm output and SiLU output
+    if st.pre is not None:
+        live += n_src
+    if st.skip is not None:
+        skip = shapes[st.skip]
+        live += skip[1] * _area(skip) + (n_out if st.shortcut is not None else 0)
+    return live * e
+
+
+def _tile_temp_bytes(st: Stage, shapes: dict[str, tuple[int, ...]], step: int, e: int, region_in: bool) -> int:
+    """Temporaries of one tile of one stage (output window ``step`` x ``step`` at the stage's resolution)."""
+    src, out = shapes[st.src], shapes[st.dst]
+    n, cin, cout = src[0], src[1], out[1]
+    th, tw = min(step, out[2]), min(step, out[3])
+    if st.attn is not None:
+        hw = src[2] * src[3]
+        return n * (2 * cin * hw * e + cin * th * tw * (4 + 6 * e))  # keys, values; normed, q, out, proj, sum
+    fin = 2 if st.resample == "down" else 1
+    rin = cin * (fin * th + 2) * (fin * tw + 2) if st.resample != "up" else cin * (th // 2 + 2) * (tw // 2 + 2)
+    temps = rin * (4 + e) if st.norm is not None else rin * e  # float32 norm result and its cast
+    if st.resample == "up":
+        temps += 2 * cin * (th + 2) * (tw + 2) * e  # upsampled and padded
+    else:
+        temps += rin * e  # padded copy
+    if region_in:  # disk stores: the input region is a fresh read, not a view
+        temps += rin * e
+    temps += cout * th * tw * (3 * e + 4)  # conv output, residual, sum; float32 copy for the statistics
+    return n * temps
+
+
+def _live_stores(stages: list[Stage], shapes: dict[str, tuple[int, ...]], e: int) -> list[int]:
+    """Bytes of whole activations alive during each stage when stores are kept in RAM (the input excluded)."""
+    last = eng.last_uses(stages)
+    alive: dict[str, int] = {}
+    result = []
+    for k, st in enumerate(stages):
+        alive[st.dst] = shapes[st.dst][1] * _area(shapes[st.dst]) * e
+        result.append(sum(alive.values()))
+        for name in (st.src, st.skip):
+            if name is not None and name in alive and last.get(name) == k:
+                del alive[name]
+    return result
+
+
+def _band_bytes(st: Stage, shapes: dict[str, tuple[int, ...]], step: int, e: int) -> int:
+    """Row bands a stage holds when its stores are on disk: input rows (with halo), residual rows, output rows."""
+    src, out = shapes[st.src], shapes[st.dst]
+    n, rows = src[0], min(step, out[2])
+    a, b = eng.read_range(st, 0, rows, src[2])
+    band = src[1] * (b - a + 2) * src[3] * e
+    band += out[1] * rows * out[3] * e * 2  # output band and the contiguous copy written to the file
+    if st.skip is not None:
+        band += shapes[st.skip][1] * rows * out[3] * e
+    return n * band
+
+
+def _exact_need(
+    stages: list[Stage], shapes: dict[str, tuple[int, ...]], tile: int, e: int, latent_h: int, disk: bool
+) -> int:
+    """Estimated peak bytes of :func:`tiling_engine.run_stages` with latent tile side ``tile``."""
+    out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
+    live = _live_stores(stages, shapes, e)
+    peak = 0
+    for k, st in enumerate(stages):
+        step = tile * (shapes[st.dst][2] // latent_h)
+        temps = _tile_temp_bytes(st, shapes, step, e, region_in=disk)
+        if disk:
+            kv = 2 * _area(shapes[st.src]) * shapes[st.src][1] * e if st.attn is not None else 0
+            need = out_bytes + _band_bytes(st, shapes, step, e) + temps + kv
+        else:
+            need = live[k] + temps
+        peak = max(peak, need)
+    return int(peak * CALIBRATION)
+
+
+def _candidates(size: int) -> list[int]:
+    """Tile sides that give distinct grids over ``size`` latent pixels, largest first."""
+    return sorted({math.ceil(size / n) for n in range(1, size + 1)}, reverse=True)
+
+
+# --- public: estimates and plans -------------------------------------------------------------------------------
+def estimate_memory(cfg: VAEConfig, op: str, shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Peak activation bytes of the untiled ``op`` ("encode": image shape N,C,H,W; "decode": latent shape),
+    calibrated against measured peaks; weights and the input are not counted, the output is."""
+    _check_op(op)
+    e = _elt(dtype)
+    if isinstance(cfg, TinyConfig):
+        return int(_tiny_bytes(_meta_model(cfg), op, shape, e) * CALIBRATION)
+    stages = _stages(_meta_model(cfg), op)
+    shapes = eng.store_shapes(stages, tuple(shape))
+    return int(max(_untiled_stage_bytes(st, shapes, e) for st in stages) * CALIBRATION)
+
+
+def plan_tiles(
+    cfg: VAEConfig,
+    op: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    max_memory: int,
+    tile_size: int | None = None,
+    mode: str = "exact",
+) -> TilePlan:
+    """Choose the tile grid (and halo, stores, statistics pass) so the estimated peak stays within ``max_memory``."""
+    _check_op(op)
+    _check_mode(mode)
+    if max_memory <= 0:
+        raise BadInputError(f"max_memory must be a positive number of bytes, got {max_memory}")
+    f = cfg.downscale
+    latent = (shape[2], shape[3]) if op == "decode" else (shape[2] // f, shape[3] // f)
+    forced = None
+    if tile_size is not None:
+        if tile_size <= 0 or tile_size % f:
+            raise BadInputError(f"tile_size must be a positive multiple of {f} pixels, got {tile_size}")
+        forced = tile_size // f
+    e = _elt(dtype)
+    model = _meta_model(cfg)
+    if isinstance(cfg, TinyConfig):
+        return _plan_tiny(model, cfg, op, shape, latent, e, max_memory, forced, mode)
+    assert isinstance(cfg, KLConfig)
+    stages = _stages(model, op)
+    if mode == "fast":
+        return _plan_fast(stages, cfg, op, shape, latent, e, max_memory, forced)
+    shapes = eng.store_shapes(stages, tuple(shape))
+    side = max(latent)
+    for disk in (False, True):
+        tiles = [forced] if forced is not None else _candidates(side)
+        for t in tiles:
+            need = _exact_need(stages, shapes, t, e, latent[0], disk)
+            if need <= max_memory and (disk or t >= min(MIN_RAM_TILE, side) or forced is not None):
+                grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+                return TilePlan("exact", op, t, t * f, grid, 0, "disk" if disk else "ram", 1, need, max_memory)
+    smallest = _exact_need(stages, shapes, forced or 1, e, latent[0], True)
+    what = f"a {forced * f} px tile" if forced else "the smallest tile"
+    raise BadInputError(
+        f"max_memory {_fmt(max_memory)} is too small for exact tiled {op} of {_shape_str(shape)}: "
+        f"{what} needs about {_fmt(smallest)}"
+    )
+
+
+def _plan_fast(
+    stages: list[Stage],
+    cfg: KLConfig,
+    op: str,
+    shape: tuple[int, ...],
+    latent: tuple[int, int],
+    e: int,
+    budget: int,
+    forced: int | None,
+) -> TilePlan:
+    f = cfg.downscale
+    lo, hi = _split(stages, op, shape, latent[0])
+    shapes = eng.store_shapes(stages, tuple(shape))
+    low_stages = _rename_io(stages[hi:] if op == "encode" else stages[:lo])
+    low_in = shapes[stages[hi - 1].dst] if op == "encode" else tuple(shape)
+    low_shapes = eng.store_shapes(low_stages, low_in)
+    low_need = _exact_need(low_stages, low_shapes, max(latent), e, latent[0], False)
+    hi_stages = _rename_io(stages[lo:hi])
+    hi_in = tuple(shape) if op == "encode" else shapes[stages[lo - 1].dst]
+    unit = f if op == "encode" else 1  # input pixels per latent pixel of the high-resolution part
+    halo = math.ceil(eng.receptive_halo(hi_stages, hi_in[2]) / unit)
+    out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
+    held = (hi_in[1] * _area(hi_in) if op == "decode" else shapes[stages[hi - 1].dst][1] * _area(low_in)) * e
+    # statistics pass: the smallest power-of-two downscale whose single-tile run takes at most half the budget
+    s = 2
+    while True:
+        small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
+        stats_need = _region_need(hi_stages, small, e)
+        if stats_need + held <= budget // 2 or small[2] <= unit and small[3] <= unit:
+            break
+        s *= 2
+    for t in [forced] if forced is not None else _candidates(max(latent)):
+        th, tw = min(t, latent[0]), min(t, latent[1])
+        region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit, (tw + 2 * halo) * unit)
+        tile_need = _region_need(hi_stages, region, e)
+        need = max(low_need, held + out_bytes + tile_need, held + stats_need)
+        if need <= budget:
+            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+            return TilePlan("fast", op, t, t * f, grid, halo, "none", s, need, budget)
+    raise BadInputError(
+        f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}"
+        + (f" with {forced * f} px tiles" if forced else "")
+    )
+
+
+def _down(size: int, s: int, unit: int) -> int:
+    return max(unit, math.ceil(size / s / unit) * unit)
+
+
+def _region_need(stages: list[Stage], in_shape: tuple[int, ...], e: int) -> int:
+    """Peak bytes of running ``stages`` on one whole region from RAM stores (one tile per stage)."""
+    return _exact_need(stages, eng.store_shapes(stages, in_shape), _HUGE, e, 1, False)
+
+
+# --- tiny autoencoder --------------------------------------------------------------------------------------------
+def _tiny_walk(seq: nn.Sequential) -> list[tuple[nn.Module, float]]:
+    """Each layer with the resolution (relative to the input) it reads."""
+    res, out = 1.0, []
+    for layer in seq:
+        out.append((layer, res))
+        if isinstance(layer, nn.Upsample):
+            res *= float(layer.scale_factor)  # type: ignore[arg-type]
+        elif isinstance(layer, nn.Conv2d) and layer.stride[0] == 2:
+            res /= 2
+    return out
+
+
+def _tiny_halo(seq: nn.Sequential) -> float:
+    """Receptive-field halo of the tiny encoder/decoder in input pixels."""
+    halo = 0.0
+    for layer, res in _tiny_walk(seq):
+        convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d) and m.kernel_size[0] > 1]
+        halo += sum(m.kernel_size[0] // 2 for m in convs) / res
+    return halo
+
+
+def _tiny_bytes(model: nn.Module, op: str, shape: tuple[int, ...], e: int) -> int:
+    """Peak live bytes of the tiny encoder/decoder on an input of ``shape``."""
+    seq = model.encoder if op == "encode" else model.decoder
+    n, _, h, w = shape
+    peak = 0
+    for layer, res in _tiny_walk(seq):
+        convs = [m for m in layer.modules() if isinstance(m, nn.Conv2d)]
+        width = max((m.out_channels for m in convs), default=shape[1])
+        area = n * h * w * res * res * (4 if isinstance(layer, nn.Upsample) else 1)
+        live = (5 if convs and len(convs) > 1 else 3) * width * area  # block: input, 2 temporaries, skip, output
+        peak = max(peak, int(live * e))
+    return peak
+
+
+def _plan_tiny(
+    model: nn.Module,
+    cfg: TinyConfig,
+    op: str,
+    shape: tuple[int, ...],
+    latent: tuple[int, int],
+    e: int,
+    budget: int,
+    forced: int | None,
+    mode: str,
+) -> TilePlan:
+    f = cfg.downscale
+    seq = model.encoder if op == "encode" else model.decoder
+    unit = f if op == "encode" else 1
+    halo = math.ceil(_tiny_halo(seq) / unit)
+    out_c = cfg.latent_channels if op == "encode" else cfg.out_channels
+    out_bytes = shape[0] * out_c * latent[0] * latent[1] * (f * f if op == "decode" else 1) * e
+    for t in [forced] if forced is not None else _candidates(max(latent)):
+        th, tw = min(t, latent[0]) + 2 * halo, min(t, latent[1]) + 2 * halo
+        need = int(_tiny_bytes(model, op, (shape[0], shape[1], th * unit, tw * unit), e) * CALIBRATION) + out_bytes
+        if need <= budget:
+            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+            return TilePlan(mode, op, t, t * f, grid, halo, "none", 1, need, budget)
+    raise BadInputError(
+        f"max_memory {_fmt(budget)} is too small for tiled {op} of {_shape_str(shape)}"
+        + (f" with {forced * f} px tiles" if forced else "")
+    )
+
+
+def region_tile(
+    run: Callable[[torch.Tensor], torch.Tensor], region: torch.Tensor, pos: tuple[int, int], dtype: torch.dtype
+) -> torch.Tensor:
+    """One tile of a single-pass tiled run (tiny VAE, fast KL): ``run`` on the region with halo, in ``dtype``."""
+    return run(region.to(dtype))
+
+
+def _single_pass(
+    run: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    out: torch.Tensor,
+    plan: TilePlan,
+    unit_in: int,
+    unit_out: int,
+    fallback: bool,
+    notes: list[str],
+) -> None:
+    """Each tile with its halo through ``run``; the core of the result is written into ``out`` (no overlap)."""
+    t, halo = plan.tile, plan.halo
+    lat_h, lat_w = x.shape[2] // unit_in, x.shape[3] // unit_in
+    for i, y0 in enumerate(range(0, lat_h, t)):
+        y1 = min(y0 + t, lat_h)
+        ya, yb = max(0, y0 - halo), min(lat_h, y1 + halo)
+        for j, x0 in enumerate(range(0, lat_w, t)):
+            x1 = min(x0 + t, lat_w)
+            xa, xb = max(0, x0 - halo), min(lat_w, x1 + halo)
+            region = x[:, :, ya * unit_in : yb * unit_in, xa * unit_in : xb * unit_in]
+            res = eng.guarded(
+                lambda dt, region=region, pos=(i, j): region_tile(run, region, pos, dt),
+                x.dtype,
+                fallback,
+                f"tile ({i},{j})",
+                notes,
+            )
+            u = unit_out
+            core = res[:, :, (y0 - ya) * u : (y1 - ya) * u, (x0 - xa) * u : (x1 - xa) * u]
+            out[:, :, y0 * u : y1 * u, x0 * u : x1 * u] = core
+
+
+def _params_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in module.state_dict().items()}
+
+
+def _tiny_runner(seq: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    fp32: dict[str, torch.Tensor] = {}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == next(seq.parameters()).dtype:
+            return seq(x)
+        if not fp32:
+            fp32.update(_params_fp32(seq))
+        return torch.func.functional_call(seq, fp32, (x,))
+
+    return run
+
+
+# --- public: tiled ops -----------------------------------------------------------------------------------------
+def tiled_encode(
+    model: nn.Module,
+    x: torch.Tensor,
+    mode: str = "exact",
+    max_memory: int | None = None,
+    tile_size: int | None = None,
+    fp32_fallback: bool = True,
+    measure_error: bool = False,
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | torch.Tensor, TileReport]:
+    """Tiled ``model.encode``: KL image in [-1, 1] -> (mean, logvar); tiny image in [0, 1] -> latents."""
+    return _tiled(model, x, "encode", mode, max_memory, tile_size, fp32_fallback, measure_error)
+
+
+def tiled_decode(
+    model: nn.Module,
+    z: torch.Tensor,
+    mode: str = "exact",
+    max_memory: int | None = None,
+    tile_size: int | None = None,
+    fp32_fallback: bool = True,
+    measure_error: bool = False,
+) -> tuple[torch.Tensor, TileReport]:
+    """Tiled ``model.decode``: KL raw latent -> image in [-1, 1]; tiny latent -> image in [0, 1]."""
+    out, report = _tiled(model, z, "decode", mode, max_memory, tile_size, fp32_fallback, measure_error)
+    assert isinstance(out, torch.Tensor)
+    return out, report
+
+
+def _tiled(
+    model: nn.Module,
+    x: torch.Tensor,
+    op: str,
+    mode: str,
+    max_memory: int | None,
+    tile_size: int | None,
+    fallback: bool,
+    measure_error: bool,
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | torch.Tensor, TileReport]:
+    _check_mode(mode)
+    cfg = getattr(model, "config", None)
+    if not isinstance(cfg, KLConfig | TinyConfig):
+        raise BadInputError(f"tiling needs a vaekit AutoencoderKL or TinyAutoencoder, got {type(model).__name__}")
+    _check_input(cfg, op, x)
+    if max_memory is None:
+        from vaekit.ops.device import default_budget
+
+        max_memory = default_budget(x.device)
+    plan = plan_tiles(cfg, op, tuple(x.shape), x.dtype, max_memory, tile_size, mode)
+    notes: list[str] = []
+    with torch.inference_mode():
+        try:
+            out, passes = _execute(model, cfg, op, x, plan, fallback, notes)
+        except eng.PromoteToFloat32 as e:
+            notes.append(f"{e} overflowed {eng.dtype_name(x.dtype)} even in fp32; whole {op} recomputed in fp32")
+            out, passes = _execute(model, cfg, op, x.float(), plan, fallback, notes)
+            out = _cast_back(out, x.dtype)
+        report = TileReport(plan, passes, notes)
+        if measure_error:
+            report.error = _error(getattr(model, op)(x), out)
+    return out, report
+
+
+def _cast_back(out: torch.Tensor | tuple[torch.Tensor, ...], dtype: torch.dtype) -> torch.Tensor | tuple:
+    if isinstance(out, tuple):
+        return tuple(_cast_back(o, dtype) for o in out)
+    cast = out.to(dtype)
+    return cast if bool(torch.isfinite(cast).all()) else out
+
+
+def _execute(
+    model: nn.Module,
+    cfg: VAEConfig,
+    op: str,
+    x: torch.Tensor,
+    plan: TilePlan,
+    fallback: bool,
+    notes: list[str],
+) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], int]:
+    f = cfg.downscale
+    if isinstance(cfg, TinyConfig):
+        seq = model.encoder if op == "encode" else model.decoder
+        n, _, h, w = x.shape
+        out_c = cfg.latent_channels if op == "encode" else cfg.out_channels
+        oh, ow = (h // f, w // f) if op == "encode" else (h * f, w * f)
+        out = torch.empty((n, out_c, oh, ow), dtype=x.dtype, device=x.device)
+        unit_in, unit_out = (f, 1) if op == "encode" else (1, f)
+        _single_pass(_tiny_runner(seq), x, out, plan, unit_in, unit_out, fallback, notes)
+        return out, 1
+    stages = _stages(model, op)
+    latent_h = x.shape[2] // f if op == "encode" else x.shape[2]
+    attn_chunk = _attn_chunk(plan.budget, latent_h * (x.shape[3] // (f if op == "encode" else 1)))
+    if plan.mode == "exact":
+        res = eng.run_stages(
+            stages,
+            x,
+            plan.tile,
+            scale_of=lambda h: h // latent_h,
+            groups=cfg.norm_groups,
+            disk=plan.store == "disk",
+            fallback=fallback,
+            attn_chunk=attn_chunk,
+        )
+        notes.extend(res.notes)
+        return _finish(model, op, res.output), res.passes
+    out, passes = _fast(model, cfg, op, x, stages, plan, fallback, notes, attn_chunk)
+    return _finish(model, op, out), passes
+
+
+def _fast(
+    model: nn.Module,
+    cfg: KLConfig,
+    op: str,
+    x: torch.Tensor,
+    stages: list[Stage],
+    plan: TilePlan,
+    fallback: bool,
+    notes: list[str],
+    attn_chunk: int,
+) -> tuple[torch.Tensor, int]:
+    f = cfg.downscale
+    latent_h = x.shape[2] // f if op == "encode" else x.shape[2]
+    lo, hi = _split(stages, op, tuple(x.shape), latent_h)
+    hi_stages = stages[lo:hi]
+    groups = cfg.norm_groups
+
+    def exact_low(part: list[Stage], inp: torch.Tensor) -> torch.Tensor:
+        part = _rename_io(part)
+        res = eng.run_stages(
+            part, inp, plan.tile, scale_of=lambda h: 1, groups=groups, fallback=fallback, attn_chunk=attn_chunk
+        )
+        notes.extend(res.notes)
+        return res.output
+
+    hi_part = _rename_io(hi_stages)
+    unit = f if op == "encode" else 1
+    feed = x if op == "encode" else exact_low(stages[:lo], x)
+    # statistics pass on a downscaled copy of the high-resolution part's input
+    s = plan.stats_downscale
+    small_size = (_down(feed.shape[2], s, unit), _down(feed.shape[3], s, unit))
+    small = F.interpolate(feed.float(), size=small_size, mode=DOWNSCALE_MODE).to(feed.dtype)
+    est = eng.run_stages(hi_part, small, _HUGE, scale_of=lambda h: 1, groups=groups, fallback=fallback)
+    notes.extend(f"statistics pass: {n}" for n in est.notes)
+
+    def run(region: torch.Tensor) -> torch.Tensor:
+        res = eng.run_stages(hi_part, region, _HUGE, scale_of=lambda h: 1, groups=groups, fixed_stats=est.used_stats)
+        return res.output
+
+    shapes = eng.store_shapes(hi_part, tuple(feed.shape))
+    out_shape = shapes["out"]
+    hi_out = torch.empty(out_shape, dtype=feed.dtype, device=feed.device)
+    unit_in, unit_out = (f, 1) if op == "encode" else (1, f)
+    _single_pass(run, feed, hi_out, plan, unit_in, unit_out, fallback, notes)
+    if op == "decode":
+        return hi_out, 3
+    return exact_low(stages[hi:], hi_out), 3
+
+
+def _rename_io(part: list[Stage]) -> list[Stage]:
+    """A slice of the stage list as a network of its own: its first input is ``in``, its last output ``out``."""
+    first_src, last_dst = part[0].src, part[-1].dst
+
+    def fix(name: str | None) -> str | None:
+        if name == first_src:
+            return "in"
+        if name == last_dst:
+            return "out"
+        return name
+
+    return [dataclasses.replace(st, src=fix(st.src), dst=fix(st.dst), skip=fix(st.skip)) for st in part]
+
+
+def _finish(model: nn.Module, op: str, out: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    if op == "decode":
+        return out
+    mean, logvar = out.chunk(2, dim=1)
+    return mean, logvar.clamp(-30.0, 20.0)
+
+
+def _attn_chunk(budget: int, latent_positions: int) -> int:
+    """Queries per attention call, so that a float32 score block (queries x all positions) takes <= budget / 8."""
+    return max(256, min(16384, budget // (8 * 4 * max(latent_positions, 1))))
+
+
+def _error(
+    ref: torch.Tensor | tuple[torch.Tensor, ...], out: torch.Tensor | tuple[torch.Tensor, ...]
+) -> dict[str, float]:
+    """PSNR (data range of the reference), max abs and RMS error of ``out`` against the untiled ``ref``."""
+    r = ref[0] if isinstance(ref, tuple) else ref
+    o = out[0] if isinstance(out, tuple) else out
+    r, o = r.double(), o.double()
+    rmse = float((r - o).square().mean().sqrt())
+    rng = float(r.max() - r.min()) or 1.0
+    psnr = float("inf") if rmse == 0 else 20 * math.log10(rng / rmse)
+    return {"psnr_db": psnr, "max_abs": float((r - o).abs().max()), "rmse": rmse}
+
+
+# --- argument checks -------------------------------------------------------------------------------------------
+def _check_op(op: str) -> None:
+    if op not in ("encode", "decode"):
+        raise BadInputError(f"unknown op {op!r}; use 'encode' or 'decode'")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise BadInputError(f"unknown tiling mode {mode!r}; use one of {', '.join(MODES)}")
+
+
+def _check_input(cfg: VAEConfig, op: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        raise BadInputError(f"tiled {op} needs a 4-D (N, C, H, W) tensor, got {_shape_str(getattr(x, 'shape', ()))}")
+    want = cfg.in_channels if op == "encode" else cfg.latent_channels
+    if x.shape[1] != want:
+        raise BadInputError(f"tiled {op} input has {x.shape[1]} channels, this VAE takes {want}")
+    if min(x.shape) == 0:
+        raise BadInputError(f"empty input of shape {_shape_str(x.shape)}")
+    f = cfg.downscale
+    if op == "encode" and (x.shape[2] % f or x.shape[3] % f):
+        raise BadInputError(f"image size {x.shape[3]}x{x.shape[2]} is not a multiple of {f}; pad it first")
+    if not x.is_floating_point():
+        raise BadInputError(f"tiled {op} needs a float tensor, got {x.dtype}")
+
+
+def _fmt(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def _shape_str(shape: object) -> str:
+    return "x".join(str(int(s)) for s in shape) if isinstance(shape, tuple | torch.Size) else str(shape)
