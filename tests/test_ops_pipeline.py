@@ -294,3 +294,20 @@ def test_fast_blocks_match_the_plain_model(micro: VAE, channels_last: bool) -> N
     kinds = {type(m) for m in copy.modules()}
     assert FastUpsample in kinds and FastAttnBlock in kinds
     assert {type(m) for m in micro.model.modules()}.isdisjoint({FastUpsample, FastAttnBlock})
+
+
+def test_auto_tiling_with_the_tiling_module(small_vae: VAE) -> None:
+    """With the real vaekit.ops.tiling: over the budget, auto tiles (exactly); within it, it does not."""
+    tiling = pytest.importorskip("vaekit.ops.tiling")
+    x = torch.rand(1, 3, 96, 80)
+    need = tiling.estimate_memory(small_vae.config, "encode", (1, 3, 96, 80), torch.float32)
+    untiled = encode(small_vae, x, CodecOptions(tiling="off"))
+    assert not encode(small_vae, x, CodecOptions(max_memory=need * 2)).tiled
+    tiled = encode(small_vae, x, CodecOptions(max_memory=need // 3))
+    assert tiled.tiled and not untiled.tiled
+    torch.testing.assert_close(tiled.latents, untiled.latents, rtol=1e-4, atol=1e-4)
+    need_d = tiling.estimate_memory(small_vae.config, "decode", (1, 4, 12, 10), torch.float32)
+    dec = decode(small_vae, untiled.latents, CodecOptions(max_memory=need_d // 3), image_size=(80, 96))
+    ref = decode(small_vae, untiled.latents, CodecOptions(tiling="off"), image_size=(80, 96))
+    assert dec.tiled and dec.images.shape == (1, 3, 96, 80)
+    torch.testing.assert_close(dec.images, ref.images, rtol=1e-4, atol=1e-4)
