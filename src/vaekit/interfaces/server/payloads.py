@@ -12,15 +12,15 @@ import io
 import json
 import math
 import struct
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from vaekit.errors import BadInputError
-from vaekit.ops import codec
+from vaekit.ops import codec, images
 from vaekit.ops.images import to_pil
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -40,34 +40,46 @@ class UnsupportedFormatError(BadInputError):
 
 
 # --- images ----------------------------------------------------------------------------------------------------
-def read_image(data: bytes, max_pixels: int, what: str = "image") -> torch.Tensor:
-    """Uploaded image bytes -> (3, H, W) float in [0, 1]; the size is checked from the header, before decoding."""
+SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
+
+
+def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image") -> torch.Tensor:
+    """Uploaded image bytes -> (3, H, W) float in [0, 1].
+
+    The format and size are checked from the header first (no pixel is decoded for a refused upload); then the
+    bytes go through vaekit's own reader (EXIF orientation, 16-bit PNGs at full precision) from a file in the
+    server's private temporary folder, removed at once. Alpha is dropped: the workbench shows RGB.
+    """
     if not data:
         raise BadInputError(f"{what}: empty upload")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            if im.format not in IMAGE_FORMATS:
-                raise UnsupportedFormatError(
-                    f"{what}: unsupported image format {im.format}; send PNG, JPEG, WebP, BMP or TIFF"
-                )
-            w, h = im.size
-            if w * h > max_pixels:
-                raise PayloadTooLargeError(
-                    f"{what}: {w}x{h} is {w * h} pixels, over the server's cap of {max_pixels} pixels"
-                )
-            if w == 0 or h == 0:
-                raise BadInputError(f"{what}: zero-size image")
-            im = ImageOps.exif_transpose(im)
-            rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+            fmt, (w, h) = im.format, im.size
     except Image.DecompressionBombError:
         raise PayloadTooLargeError(f"{what}: refused as a decompression bomb (far too many pixels)") from None
     except UnidentifiedImageError:
         raise UnsupportedFormatError(f"{what}: not an image Pillow can read (PNG, JPEG, WebP, BMP, TIFF)") from None
     except (OSError, SyntaxError, ValueError, struct.error) as e:
-        raise BadInputError(
-            f"{what}: damaged image ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})"
-        ) from None
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
+        raise BadInputError(f"{what}: damaged image ({_first_line(e)})") from None
+    if fmt not in IMAGE_FORMATS:
+        raise UnsupportedFormatError(f"{what}: unsupported image format {fmt}; send PNG, JPEG, WebP, BMP or TIFF")
+    if w * h > max_pixels:
+        raise PayloadTooLargeError(f"{what}: {w}x{h} is {w * h} pixels, over the server's cap of {max_pixels} pixels")
+    path = tmpdir / f"upload-{uuid.uuid4().hex}{SUFFIXES[str(fmt)]}"
+    try:
+        path.write_bytes(data)
+        loaded = images.read_image(path)
+    except BadInputError as e:
+        raise BadInputError(f"{what}: {str(e).replace(str(path), 'upload').removeprefix('upload: ')}") from None
+    except (OSError, SyntaxError, ValueError, struct.error) as e:
+        raise BadInputError(f"{what}: damaged image ({_first_line(e)})") from None
+    finally:
+        path.unlink(missing_ok=True)
+    return loaded.rgb.float().contiguous()
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0][:120] if str(e) else type(e).__name__
 
 
 def output_format(name: str, allowed: tuple[str, ...]) -> str:

@@ -20,7 +20,7 @@ from vaekit.interfaces.server import payloads
 from vaekit.interfaces.server.catalog import CatalogEntry
 from vaekit.interfaces.server.engine import DecodeItem, WorkResult
 from vaekit.interfaces.server.state import ServerState
-from vaekit.interfaces.server.views import channel_images, difference_image, image_metrics
+from vaekit.interfaces.server.views import channel_images, difference_image, headline_metrics, image_metrics
 from vaekit.latent.interpolation import METHODS, interpolate_latents, match_size
 
 router = APIRouter()
@@ -80,7 +80,7 @@ def _headers(entry: CatalogEntry, result: WorkResult | None, started: float) -> 
 
 
 async def _image_in(state: ServerState, data: bytes, what: str = "image") -> torch.Tensor:
-    return await asyncio.to_thread(payloads.read_image, data, state.settings.max_pixels, what)
+    return await asyncio.to_thread(payloads.read_image, data, state.settings.max_pixels, state.tmpdir, what)
 
 
 async def _encode_image_out(image: torch.Tensor, fmt: str) -> tuple[bytes, str]:
@@ -287,12 +287,14 @@ async def roundtrip(
     image = await _image_in(state, data)
     result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape))
     assert result.image is not None and result.latent is not None
-    metrics = await asyncio.to_thread(image_metrics, image, result.image)
     headers = _headers(entry, result, started)
-    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": f"{metrics['ssim']:.6f}"}
-    if fmt != "json":
+    if fmt != "json":  # the image, with the two headline metrics in headers (the full set costs more than a decode)
+        psnr, ssim = await asyncio.to_thread(headline_metrics, image, result.image)
+        headers |= {"X-Vaekit-PSNR": f"{psnr:.4f}", "X-Vaekit-SSIM": f"{ssim:.6f}"}
         body, media = await _encode_image_out(result.image, fmt)
         return Response(body, media_type=media, headers=headers)
+    metrics = await asyncio.to_thread(image_metrics, image, result.image)
+    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": f"{metrics['ssim']:.6f}"}
 
     def views() -> dict[str, str]:
         return {
@@ -434,9 +436,10 @@ async def interpolate(
                 yield _event({"event": "frame", "index": i, "done": done, "total": steps, "image": url})
             yield _event({"event": "done", "seconds": round(time.perf_counter() - started, 4)})
         except Exception as e:  # the status line is sent: report the failure in the stream
+            yield _event({"event": "error", "error": str(e) or type(e).__name__})
+        finally:  # a client that went away leaves nothing queued for it
             for t in tasks:
                 t.cancel()
-            yield _event({"event": "error", "error": str(e) or type(e).__name__})
 
     return StreamingResponse(events(), media_type="application/x-ndjson", headers=_headers(entry, None, started))
 

@@ -33,6 +33,11 @@ def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[
     return out
 
 
+def headline_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
+    """PSNR (dB) and SSIM alone, as ``vaekit compare`` computes them."""
+    return eval_metrics.psnr(original, reconstruction), eval_metrics.ssim(original, reconstruction)
+
+
 def difference_image(original: torch.Tensor, reconstruction: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
     """Per-pixel error as a heat map (3, H, W): mean absolute difference over the channels, amplified."""
     diff = (original.float() - reconstruction.float()).abs().mean(dim=0)
