@@ -10,3 +10,4 @@ from vaekit.interfaces.cli import serve_cmd  # noqa: F401
 from vaekit.interfaces.cli import compare_cmd  # noqa: F401
 from vaekit.interfaces.cli import cache_cmd  # noqa: F401
 from vaekit.interfaces.cli import latent_cmd  # noqa: F401
+from vaekit.interfaces.cli import train_cmd  # noqa: F401

@@ -1,0 +1,1 @@
+"""Training and fine-tuning of VAEs, and latent scale calibration (see docs/train.md)."""
