@@ -427,10 +427,5 @@ def roundtrip(
             torch.cat([img, a.to(img.device, img.dtype)]) if a is not None else img
             for img, a in zip(list(imgs), enc.alphas, strict=True)
         ]
-        if isinstance(imgs, torch.Tensor):
-            if len({m.shape[0] for m in merged}) > 1:
-                raise BadInputError("some images of the batch have alpha and some not: pass them as a list")
-            dec.images = torch.stack(merged)
-        else:
-            dec.images = merged
+        dec.images = torch.stack(merged) if isinstance(imgs, torch.Tensor) else merged  # a tensor: all have alpha
     return enc, dec
