@@ -224,7 +224,7 @@ def test_precision_variants_and_reconstruction_close_to_pipeline(photos: Path) -
 
     vae = _vae()
     result = compare([vae], photos, precisions=["fp32", "bf16"], max_size=SIZE, warmup=False)
-    assert result.labels == ["small-sd1 [fp32, tiling off]", "small-sd1 [bf16, tiling off]"]
+    assert result.labels == ["small-sd1 · fp32", "small-sd1 · bf16"]
     fp32, bf16 = result.rows
     assert fp32.ok and bf16.ok and fp32.precision == "fp32" and bf16.precision == "bf16"
     # The fp32 row measures exactly what the pipeline gives.

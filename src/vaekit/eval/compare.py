@@ -334,8 +334,10 @@ def _roundtrip_one(
     return out[0].float().cpu(), t_enc, t_dec, mem.peak, notes
 
 
-def _label(name: str, precision: str, tiling: str, multi: bool) -> str:
-    return f"{name} [{precision}, tiling {tiling}]" if multi else name
+def _label(name: str, precision: str, tiling: str, precisions: int, tilings: int) -> str:
+    """The VAE's name, plus the precision / tiling mode where the run compares several."""
+    parts = [name] + ([precision] if precisions > 1 else []) + ([f"tiling {tiling}"] if tilings > 1 else [])
+    return " · ".join(parts)
 
 
 def compare(
@@ -421,7 +423,7 @@ def compare(
         except VaekitError as e:
             raise BadInputError(f"--latents-from {latents_from}: {_first_line(e)}") from None
 
-    multi = len(precisions) * len(tilings) > 1
+    n_prec, n_tile = len(precisions), len(tilings)
     rows: list[Row] = []
     labels: set[str] = set()
     fake_images: dict[str, list[torch.Tensor]] = {}  # reconstructions, kept only for rFID
@@ -435,9 +437,10 @@ def compare(
             vae, load_error = None, _first_line(e)
         for precision in precisions:
             for tiling in tilings:
-                label, k = _label(name, precision, tiling, multi), 2
+                base = _label(name, precision, tiling, n_prec, n_tile)
+                label, k = base, 2
                 while label in labels:
-                    label, k = f"{_label(name, precision, tiling, multi)} #{k}", k + 1
+                    label, k = f"{base} #{k}", k + 1
                 labels.add(label)
                 row = Row(label, str(spec) if not isinstance(spec, VAE) else name, "", precision, tiling)
                 row.values = {key: [math.nan] * len(loaded) for key in metric_keys}

@@ -52,6 +52,8 @@ class MetricInfo:
     better: str  # "higher", "lower" or "target"
     target: float = 0.0
     fmt: str = ".3f"
+    short: str = ""  # column header in narrow tables (default: the label)
+    # fmt: a format spec, or "auto" for about three significant digits (timings span 0.01 to 1000 s/Mpx)
 
     def loss(self, value: float) -> float:
         """The value turned into "lower is better" (used to rank rows and call winners)."""
@@ -70,12 +72,12 @@ METRICS: dict[str, MetricInfo] = {
         MetricInfo("ms_ssim", "MS-SSIM", "", "higher", fmt=".4f"),
         MetricInfo("lpips", "LPIPS", "", "lower", fmt=".4f"),
         MetricInfo("rfid", "rFID", "", "lower", fmt=".2f"),
-        MetricInfo("saturation_ratio", "saturation ratio", "x", "target", 1.0, ".3f"),
-        MetricInfo("colourfulness_change", "colourfulness change", "%", "target", 0.0, "+.1f"),
-        MetricInfo("delta_e", "colour shift (dE00)", "", "lower", fmt=".2f"),
-        MetricInfo("encode_s_per_mpx", "encode time", "s/Mpx", "lower", fmt=".3f"),
-        MetricInfo("decode_s_per_mpx", "decode time", "s/Mpx", "lower", fmt=".3f"),
-        MetricInfo("peak_mib", "peak memory", "MiB", "lower", fmt=".0f"),
+        MetricInfo("saturation_ratio", "saturation ratio", "x", "target", 1.0, ".3f", "satur."),
+        MetricInfo("colourfulness_change", "colourfulness change", "%", "target", 0.0, "+.1f", "colourf."),
+        MetricInfo("delta_e", "colour shift (dE00)", "", "lower", fmt=".2f", short="dE00"),
+        MetricInfo("encode_s_per_mpx", "encode time", "s/Mpx", "lower", fmt="auto", short="encode"),
+        MetricInfo("decode_s_per_mpx", "decode time", "s/Mpx", "lower", fmt="auto", short="decode"),
+        MetricInfo("peak_mib", "peak memory", "MiB", "lower", fmt=".0f", short="peak mem"),
     )
 }
 QUALITY_METRICS = ("psnr", "ssim", "ms_ssim", "lpips", "saturation_ratio", "colourfulness_change", "delta_e")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -247,10 +248,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return math.nan
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(s_a @ s_b)
-    if not np.isfinite(covmean).all():  # singular product (few samples): offset the diagonals as pytorch-fid does
-        offset = np.eye(s_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
+    with warnings.catch_warnings():  # few samples make the product singular; handled just below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s_a @ s_b)
+        if not np.isfinite(covmean).all():  # offset the diagonals as pytorch-fid does
+            offset = np.eye(s_a.shape[0]) * 1e-6
+            covmean = linalg.sqrtm((s_a + offset) @ (s_b + offset))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     return float(max(0.0, diff @ diff + np.trace(s_a) + np.trace(s_b) - 2 * np.trace(covmean)))

@@ -44,13 +44,17 @@ def _value(row: Row, key: str) -> tuple[float, float]:
     return s.mean, (s.high - s.low) / 2
 
 
-def format_cell(info: MetricInfo, mean: float, half: float) -> str:
+def format_cell(info: MetricInfo, mean: float, half: float, sep: str = " ") -> str:
     """'31.25 ±0.84' (or '31.25' without an interval, 'n/a' when not measured)."""
     if not math.isfinite(mean):
         return "n/a"
-    text = format(mean, info.fmt)
+    fmt = info.fmt
+    if fmt == "auto":
+        size = abs(mean)
+        fmt = ".0f" if size >= 100 else ".1f" if size >= 10 else ".2f" if size >= 1 else ".3f"
+    text = format(mean, fmt)
     if math.isfinite(half):
-        text += " ±" + format(half, info.fmt.lstrip("+"))
+        text += sep + "±" + format(half, fmt.lstrip("+"))
     return text
 
 
@@ -71,24 +75,44 @@ def _header(info: MetricInfo) -> str:
     return f"{info.label}{' (' + info.unit + ')' if info.unit else ''} {arrow}"
 
 
+def _short_header(info: MetricInfo) -> str:
+    arrow = {"higher": "↑", "lower": "↓", "target": f"→{info.target:g}"}[info.better]
+    return f"{info.short or info.label}\n{info.unit + ' ' if info.unit else ''}{arrow}"
+
+
 def rich_table(comparison: Comparison) -> Table:
-    """A Rich table: one line per row, best mean per column in bold green, a called winner starred."""
+    """A Rich table: one line per row (mean over ±interval), best mean per column in bold green, a called winner
+    starred; flags and failures are counted in the status column and spelled out by :func:`row_messages`."""
     best = best_rows(comparison)
     table = Table(title=f"VAE comparison on {len(comparison.images)} image(s) (mean ±95% CI)", title_justify="left")
-    table.add_column("VAE", style="bold")
+    table.add_column("VAE", style="bold", min_width=12)
     for key in comparison.metrics:
-        table.add_column(_header(METRICS[key]), justify="right")
-    table.add_column("status / flags")
+        table.add_column(_short_header(METRICS[key]), justify="right")
+    table.add_column("status")
     for row in comparison.rows:
         cells = []
         for key in comparison.metrics:
-            text = format_cell(METRICS[key], *_value(row, key)) if row.ok else "-"
+            text = format_cell(METRICS[key], *_value(row, key), sep="\n") if row.ok else "-"
             if comparison.winners[key].label == row.label:
                 text = "★ " + text
             cells.append(f"[bold green]{text}[/]" if best.get(key) == row.label else text)
-        status = "; ".join(row.flags) if row.ok else f"{row.status}: {row.reason}"
-        table.add_row(row.label, *cells, f"[yellow]{status}[/]" if status else "ok")
+        if not row.ok:
+            status = f"[red]{row.status}[/]"
+        else:
+            status = f"[yellow]{len(row.flags)} flag(s)[/]" if row.flags else "ok"
+        table.add_row(row.label, *cells, status)
     return table
+
+
+def row_messages(comparison: Comparison) -> list[str]:
+    """One line per colour flag, failure or note of a row, in plain words."""
+    lines = []
+    for row in comparison.rows:
+        if not row.ok:
+            lines.append(f"{row.label}: {row.status}: {row.reason}")
+        lines += [f"{row.label}: {flag}" for flag in row.flags]
+        lines += [f"{row.label}: note: {note}" for note in row.notes]
+    return lines
 
 
 def text_table(comparison: Comparison) -> str:
@@ -228,7 +252,7 @@ def bar_chart_png(comparison: Comparison, key: str) -> bytes | None:
     errs = [_value(r, key)[1] for r in rows]
     errs = [e if math.isfinite(e) else 0.0 for e in errs]
     winner = comparison.winners[key].label
-    fig = Figure(figsize=(4.2, 0.55 + 0.42 * len(rows)), dpi=100)
+    fig = Figure(figsize=(3.9, 0.55 + 0.42 * len(rows)), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colours = ["#2e7d32" if r.label == winner else "#5c7cba" for r in rows]
@@ -311,13 +335,6 @@ def render_html(comparison: Comparison, amplify: float = 5.0) -> str:
         notes.append(f"MS-SSIM used {', '.join(map(str, s['ms_ssim_scales']))} scale(s): images too small for 5")
     if notes:
         parts.append("<h2>Notes</h2><ul>" + "".join(f"<li class=warn>{_e(n)}</li>" for n in notes) + "</ul>")
-    charts = [(k, bar_chart_png(comparison, k)) for k in comparison.metrics]
-    parts.append("<h2>Charts</h2><div class=charts>")
-    for key, png in charts:
-        if png:
-            data = base64.b64encode(png).decode("ascii")
-            parts.append(f"<img src='data:image/png;base64,{data}' alt='{_e(METRICS[key].label)} chart'>")
-    parts.append("</div>")
     parts.append(
         f"<h2>Images</h2><p class=meta>Each reconstruction is followed by its difference to the original, "
         f"amplified {amplify:g}×. Click a thumbnail for the full-size PNG.</p>"
@@ -336,5 +353,12 @@ def render_html(comparison: Comparison, amplify: float = 5.0) -> str:
             diff_caption = f"{_e(row.label)}: difference ×{amplify:g}"
             parts.append(_figure(f["diff"], f["diff_thumb"], diff_caption, f"{im.name}: {row.label} difference"))
         parts.append("</div>")
+    charts = [(k, bar_chart_png(comparison, k)) for k in comparison.metrics]
+    parts.append("<h2>Charts</h2><div class=charts>")
+    for key, png in charts:
+        if png:
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f"<img src='data:image/png;base64,{data}' alt='{_e(METRICS[key].label)} chart'>")
+    parts.append("</div>")
     parts.append("</body></html>\n")
     return "".join(parts)

@@ -55,7 +55,7 @@ def compare_command(
     """Round-trip every image through every VAE and compare PSNR, SSIM, MS-SSIM, colour fidelity, speed, memory."""
     from vaekit.eval.compare import compare
     from vaekit.eval.metrics import METRICS
-    from vaekit.eval.report import rich_table
+    from vaekit.eval.report import rich_table, row_messages
 
     result = compare(
         vaes,
@@ -76,6 +76,8 @@ def compare_command(
         emit_json(result.to_dict())
         return
     cli.out.print(rich_table(result))
+    for line in row_messages(result):
+        cli.out.print(f"[yellow]{escape(line)}[/]")
     for key, winner in result.winners.items():
         verdict = escape(winner.reason)
         if winner.label:
