@@ -1,5 +1,5 @@
 """The web UI in headless Chromium (Playwright driving the system's chromium): pick a VAE, upload an image, see the
-reconstruction and its metrics; the latent channels and interpolation views; a screenshot is saved."""
+reconstruction and its metrics; the latent channels, interpolation and comparison views; a screenshot is saved."""
 
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def test_roundtrip_in_the_browser(page, ui_server: str, tmp_path: Path) -> None:
         shutil.copy(shot, os.environ["VAEKIT_UI_SCREENSHOT"])
 
 
-def test_channels_and_interpolation_views(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_channels_interpolation_and_compare_views(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     a.write_bytes(png_bytes(photo(64, 48, seed=22)))
     b.write_bytes(png_bytes(photo(64, 48, seed=23)))
@@ -116,4 +116,12 @@ def test_channels_and_interpolation_views(page, tmp_path: Path) -> None:  # type
     srcs = page.eval_on_selector_all("#ip-strip img", "els => els.map(e => e.src.slice(0, 22))")
     assert srcs == ["data:image/png;base64,"] * 5
     assert page.eval_on_selector("#ip-progress .bar", "e => e.style.width") == "100%"
+
+    page.click("nav .tab[data-tab=compare]")
+    page.set_input_files("#cmp-file", str(a))
+    page.click("#cmp-run")
+    page.wait_for_selector("#cmp-table:not([hidden])")
+    rows = page.eval_on_selector_all("#cmp-table tbody tr", "trs => trs.map(t => t.cells[0].textContent)")
+    assert sorted(rows) == ["small-sd1", "small-taesd"]
+    assert page.locator("#cmp-table tr.best").count() == 1
     assert not page.is_visible("#error")
