@@ -283,7 +283,6 @@ def _plan_fast(
     low_stages = _rename_io(stages[hi:] if op == "encode" else stages[:lo])
     low_in = shapes[stages[hi - 1].dst] if op == "encode" else tuple(shape)
     low_shapes = eng.store_shapes(low_stages, low_in)
-    low_need = _exact_need(low_stages, low_shapes, max(latent), e, latent[0], False)
     hi_stages = _rename_io(stages[lo:hi])
     hi_in = tuple(shape) if op == "encode" else shapes[stages[lo - 1].dst]
     unit = f if op == "encode" else 1  # input pixels per latent pixel of the high-resolution part
@@ -302,6 +301,7 @@ def _plan_fast(
         th, tw = min(t, latent[0]), min(t, latent[1])
         region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit, (tw + 2 * halo) * unit)
         tile_need = _region_need(hi_stages, region, e)
+        low_need = _exact_need(low_stages, low_shapes, t, e, latent[0], False)  # runs with the same tiles
         need = max(low_need, held + out_bytes + tile_need, held + stats_need)
         if need <= budget:
             grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))

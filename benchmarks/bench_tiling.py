@@ -1,0 +1,212 @@
+"""Tiled decode: exactness, speed and peak memory of vaekit's exact and fast tiling against untiled and diffusers.
+
+    .venv/bin/python benchmarks/bench_tiling.py                     # sd1 width, 1024 px, then 4096 px in 3 GB
+    .venv/bin/python benchmarks/bench_tiling.py --quick             # narrow model, 512 px, big case 1024 px
+    .venv/bin/python benchmarks/bench_tiling.py --base-channels 32 --size 1024 --big-size 2048 --budget-gb 0.5
+
+Part 1 (one process): the same random sd1 weights in vaekit and diffusers ``AutoencoderKL``; a latent from the
+photo; untiled decode, vaekit exact and fast tiled decode (2x2 tiles of size/2), diffusers ``enable_tiling()`` with
+its default tile sizes. PSNR is on the [-1, 1] output scale (data range 2) against the same library's untiled decode.
+
+Part 2 (one fresh subprocess per case): a big decode under ``--budget-gb``. Peak memory is the child's
+``ru_maxrss`` minus that of a child that only built the model and the latent (the baseline), so weights and the
+interpreter are not counted; the output image is (it is part of the op).
+
+diffusers is a test-only dependency of vaekit; this script needs it installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+GB = 1 << 30
+
+
+def _models(base: int, seed: int, diffusers: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """vaekit's AutoencoderKL and (optionally) a diffusers AutoencoderKL with the very same random weights."""
+    from vaekit.formats.convert import diffusers_to_ldm, ldm_to_diffusers
+    from vaekit.formats.export import diffusers_config
+    from vaekit.models import build
+    from vaekit.models.config import preset
+
+    cfg = preset("sd1", base_channels=base, norm_groups=32 if base >= 32 else 8)
+    torch.manual_seed(seed)
+    model = build(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # GroupNorm starts as identity; perturb it so the statistics matter
+        for m in model.modules():
+            if isinstance(m, torch.nn.GroupNorm):
+                m.weight.add_(torch.randn_like(m.weight) * 0.1)
+                m.bias.add_(torch.randn_like(m.bias) * 0.1)
+    if not diffusers:
+        return model, None
+    from diffusers import AutoencoderKL as DiffusersKL
+
+    kwargs = diffusers_config(cfg)
+    kwargs.pop("_class_name")
+    ref = DiffusersKL(**kwargs).eval().requires_grad_(False)
+    ref.load_state_dict(ldm_to_diffusers(model.state_dict(), "kl"))
+    assert diffusers_to_ldm(ref.state_dict(), "kl").keys() == model.state_dict().keys()
+    return model, ref
+
+
+def _latent(model: torch.nn.Module, size: int) -> torch.Tensor:
+    """The posterior mean of the astronaut photo at ``size`` px (encoded at <= 512 px, then upsampled)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from vaekit.ops.images import builtin_image_paths
+
+    enc = min(size, 512)
+    with Image.open(builtin_image_paths()[0]) as im:
+        im = im.convert("RGB").resize((enc, enc), Image.Resampling.BICUBIC)
+        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    x = data.reshape(enc, enc, 3).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1
+    with torch.inference_mode():
+        z = model.encode(x)[0]
+    return F.interpolate(z, size=(size // 8, size // 8), mode="bicubic") if enc != size else z
+
+
+def _psnr(ref: torch.Tensor, out: torch.Tensor) -> tuple[float, float]:
+    d = ref.double() - out.double()
+    mse = float(d.square().mean())
+    return (float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()), float(d.abs().max())
+
+
+def _timed(fn):  # noqa: ANN001, ANN202
+    t = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - t
+
+
+def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """Untiled vs exact vs fast at ``args.size``, and diffusers' own tiling beside them."""
+    from vaekit.ops.tiling import tiled_decode
+
+    model, ref_model = _models(args.base_channels, args.seed, not args.skip_diffusers)
+    z = _latent(model, args.size)
+    model = model.to(dtype)
+    zc = z.to(dtype)
+    tile = args.size // 2
+    rows: list[tuple[str, float, str]] = []
+    with torch.inference_mode():
+        model.decode(zc[..., :8, :8])  # warm-up
+        untiled, t_un = _timed(lambda: model.decode(zc))
+        rows.append(("vaekit untiled", t_un, ""))
+        for mode in ("exact", "fast"):
+            (out, rep), t = _timed(lambda mode=mode: tiled_decode(model, zc, mode, 64 * GB, tile))
+            p, mx = _psnr(untiled, out)
+            rows.append((f"vaekit {mode} ({rep.tiles} tiles of {tile} px)", t, f"{p:.1f} dB, max abs {mx:.2e}"))
+    if ref_model is not None:
+        ref_model = ref_model.to(dtype)
+        with torch.no_grad():
+            d_un, t_dun = _timed(lambda: ref_model.decode(zc).sample)
+            ref_model.enable_tiling()
+            d_tl, t_dtl = _timed(lambda: ref_model.decode(zc).sample)
+        p, mx = _psnr(d_un, d_tl)
+        rows.append(("diffusers untiled", t_dun, ""))
+        rows.append(("diffusers enable_tiling() (defaults)", t_dtl, f"{p:.1f} dB, max abs {mx:.2e}"))
+    print(f"\n## decode {args.size} px, base_channels {args.base_channels}, {_name(dtype)}")
+    print(f"{'case':44s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
+    for name, t, q in rows:
+        base = t_dun if name.startswith("diffusers") else t_un
+        print(f"{name:44s} {t:8.2f} {t / base:10.2f}  {q}")
+
+
+def _child(args: argparse.Namespace, dtype: torch.dtype) -> None:
+    """One big case in this (fresh) process; prints JSON with time and ru_maxrss."""
+    from vaekit.ops.tiling import tiled_decode
+
+    model, _ = _models(args.base_channels, args.seed, False)
+    model = model.to(dtype)
+    torch.manual_seed(args.seed)
+    z = torch.randn(1, 4, args.big_size // 8, args.big_size // 8, dtype=dtype)
+    result: dict[str, object] = {"case": args.case}
+    if args.case != "baseline":
+        with torch.inference_mode():
+            (out, rep), t = _timed(lambda: tiled_decode(model, z, args.case, int(args.budget_gb * GB)))
+        result |= {
+            "time_s": t,
+            "tiles": rep.tiles,
+            "tile_px": rep.tile_size,
+            "store": rep.plan.store,
+            "estimated_peak": rep.plan.estimated_peak,
+            "output_bytes": out.numel() * out.element_size(),
+            "finite": bool(torch.isfinite(out).all()),
+        }
+    result["maxrss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps(result))
+
+
+def part2(args: argparse.Namespace) -> None:
+    """The big decode under the budget, each case in a fresh process."""
+    runs = {}
+    for case in ("baseline", "fast", "exact"):
+        cmd = [sys.executable, __file__, "--child", case, *sys.argv[1:]]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode:
+            print(f"{case}: failed\n{res.stderr[-2000:]}")
+            return
+        runs[case] = json.loads(res.stdout.strip().splitlines()[-1])
+    base = runs["baseline"]["maxrss"]
+    budget = int(args.budget_gb * GB)
+    print(f"\n## decode {args.big_size} px under max_memory {args.budget_gb} GB ({args.precision})")
+    print(f"{'mode':6s} {'time s':>8s} {'peak GB':>8s} {'output GB':>9s} {'est. GB':>8s} {'tiles':>6s} store  check")
+    for case in ("fast", "exact"):
+        r = runs[case]
+        peak = r["maxrss"] - base
+        ok = peak <= budget + r["output_bytes"]
+        print(
+            f"{case:6s} {r['time_s']:8.1f} {peak / GB:8.2f} {r['output_bytes'] / GB:9.2f} "
+            f"{r['estimated_peak'] / GB:8.2f} {r['tiles']:6d} {r['store']:6s} "
+            f"{'PASS' if ok else 'FAIL'} (peak <= budget + output){'' if r['finite'] else ' NON-FINITE'}"
+        )
+
+
+def _name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the flags and run the parts asked for."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=1024, help="part 1 image side (px)")
+    ap.add_argument("--big-size", type=int, default=4096, help="part 2 image side (px)")
+    ap.add_argument("--budget-gb", type=float, default=3.0, help="part 2 max_memory")
+    ap.add_argument("--base-channels", type=int, default=128, help="model width (sd1: 128)")
+    ap.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="base_channels 32, 512 px, big case 1024 px in 0.25 GB")
+    ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument("--child", dest="case", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.base_channels, args.size, args.big_size, args.budget_gb = 32, 512, 1024, 0.25
+    torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.precision)
+    if dtype is None:  # auto: what the codec pipeline would pick on this device
+        from vaekit.ops.precision import resolve_dtype
+
+        dtype = resolve_dtype("auto", torch.device("cpu"))
+    if args.case:
+        _child(args, dtype)
+        return
+    print(f"torch {torch.__version__}, {args.threads} threads, precision {args.precision} -> {_name(dtype)}")
+    if not args.skip_small:
+        part1(args, dtype)
+    if not args.skip_big:
+        part2(args)
+
+
+if __name__ == "__main__":
+    main()
