@@ -10,6 +10,9 @@ goes on; unreadable images are listed and skipped; no readable image at all is a
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import gc
 import json
 import math
 import os
@@ -306,11 +309,34 @@ def _warm_up(vae: VAE, opts: pipeline.CodecOptions, latents_only: bool, side: in
     pipeline.decode(vae, enc.latents, opts)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by earlier images back to the OS, so the next CPU peak (resident set size above the
+    start) measures this image's own working memory rather than what the allocator kept from the last one."""
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _roundtrip_one(
-    vae: VAE, img: torch.Tensor, opts: pipeline.CodecOptions, latent: tuple[torch.Tensor, Any] | None, device
+    vae: VAE,
+    img: torch.Tensor,
+    opts: pipeline.CodecOptions,
+    latent: tuple[torch.Tensor, Any] | None,
+    device: torch.device,
 ) -> tuple[torch.Tensor, float, float, int, list[str]]:
     """(reconstruction, encode seconds, decode seconds, peak bytes, notes) for one image."""
     notes: list[str] = []
+    if device.type == "cpu":
+        release_freed_memory()
     with PeakMemory(device) as mem:
         if latent is None:
             synchronize(device)
@@ -341,7 +367,7 @@ def _label(name: str, precision: str, tiling: str, precisions: int, tilings: int
 
 
 def compare(
-    vaes: Sequence[VAESpec],
+    vaes: Sequence[VAESpec] | VAESpec,
     images: ImagesSpec = "builtin",
     *,
     precisions: Sequence[str] = ("fp32",),
@@ -369,6 +395,8 @@ def compare(
     from vaekit.eval import perceptual
     from vaekit.eval.report import ReportWriter
 
+    if isinstance(vaes, (str, os.PathLike, VAE)):
+        vaes = [vaes]
     if not vaes:
         raise BadInputError("give at least one VAE to compare")
     say = progress or (lambda _msg: None)

@@ -45,7 +45,7 @@ def compare_command(
         typer.Option(help="Local torchvision AlexNet/VGG16 backbone file for LPIPS (repeat to add LPIPS heads)."),
     ] = None,
     inception_weights: Annotated[
-        Path | None, typer.Option(help="Local pt_inception-2015-12-05 weights for rFID (needs vaekit[fid]).")
+        Path | None, typer.Option(help="Local pt_inception-2015-12-05 weights for rFID (needs the fid extra).")
     ] = None,
     amplify: Annotated[float, typer.Option(help="Amplification of the difference heatmaps in the report.")] = 5.0,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 or mps.")] = "auto",
