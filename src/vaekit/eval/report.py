@@ -279,7 +279,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em;color:#222;background:#fff}
 h1{margin:0 0 .2em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}.meta{color:#555}
 table{border-collapse:collapse;font-size:13px}th,td{padding:4px 8px;border-bottom:1px solid #e4e4e4;text-align:right}
-th:first-child,td:first-child,td.flags{text-align:left}td.best{font-weight:bold;color:#1b5e20;background:#eef7ee}
+th:first-child,td:first-child,td.flags{text-align:left}td:first-child{min-width:11em}td.best{font-weight:bold;color:#1b5e20;background:#eef7ee}
 td.flags{color:#a15c00}tr.bad td{color:#999}.charts{display:flex;flex-wrap:wrap;gap:10px}
 .charts img{border:1px solid #eee}.strip{display:flex;flex-wrap:wrap;gap:8px;align-items:flex-start}
 figure{margin:0;width:auto;max-width:260px;font-size:12px}figure img{display:block;border:1px solid #ccc}
