@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,19 @@ def test_strict_loading_names_the_bad_keys(tmp_path: Path) -> None:
     save_file(wrong, tmp_path / "wrong.safetensors")
     with pytest.raises(LoadError, match="wrong shape .*decoder.conv_out.bias"):
         vaekit.load_vae(tmp_path / "wrong.safetensors")
+
+
+def test_atomic_writes_leave_no_temp_file_and_normal_permissions(tmp_path: Path) -> None:
+    from vaekit.formats.io import atomic_path
+
+    dest = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError), atomic_path(dest) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("disk full")
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+    with atomic_path(dest) as tmp:
+        tmp.write_text("whole")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert dest.read_text() == "whole" and (dest.stat().st_mode & 0o777) == (0o666 & ~mask)
+    assert list(tmp_path.iterdir()) == [dest]
