@@ -476,7 +476,7 @@ class Trainer:
         images: ImageSet = self.val_set if len(self.val_set) else self.train_set
         dest = self.out_dir / "samples" / f"step-{self.step:07d}.png"
         with self.ema_weights() as model, self._autocast():
-            sample_grid(model, self.vae_config, images.images, min(256, max(self.cfg.crop, 64)), dest)
+            sample_grid(model, self.vae_config, images.images, min(256, max(self.cfg.crop, 128)), dest)
         return dest
 
 
