@@ -273,3 +273,42 @@ def test_bad_arguments(kl, latent):
         tiling.tiled_encode(kl, torch.randn(1, 3, 20, 16), "exact", BIG)
     with pytest.raises(BadInputError, match="needs a vaekit"):
         tiling.tiled_decode(torch.nn.Conv2d(4, 4, 1), latent)
+
+
+class _NanEmpty:
+    """Stands in for ``torch`` inside the tiling module: ``empty`` returns NaN-filled tensors, so any region of a
+    result buffer a tiled run leaves unwritten shows up as NaN instead of whatever memory held."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def empty(*size: object, **kw: object) -> torch.Tensor:
+        shape = size[0] if len(size) == 1 and not isinstance(size[0], int) else size
+        return torch.full(tuple(shape), float("nan"), **kw)  # type: ignore[arg-type]
+
+
+# Bundled VAE (widths 16-128, groups of 2 channels) at 304x456, 64 MiB: measured 39.8 dB (encode, 6 tiles, 4x
+# downscaled statistics) and 39.8 dB (decode of that latent, 24 tiles); before the fix encode gave about 27 dB, with
+# three quarters of the encoder's high-resolution output never written.
+BUNDLED_FAST_PSNR_MIN = 35.0
+
+
+def test_fast_bundled_encode_decode_are_finite_and_close(monkeypatch):
+    import vaekit
+
+    model = vaekit.load_vae().model
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 304, 456) * 2 - 1
+    monkeypatch.setattr(tiling, "torch", _NanEmpty())
+    with torch.inference_mode():
+        mean_ref, _ = model.encode(x)
+        (mean, logvar), enc = tiling.tiled_encode(model, x, "fast", 64 << 20)
+        img_ref = model.decode(mean_ref)
+        img, dec = tiling.tiled_decode(model, mean_ref, "fast", 64 << 20)
+    assert enc.tiles > 1 and dec.tiles > 1
+    assert bool(mean.isfinite().all() and logvar.isfinite().all() and img.isfinite().all())
+    enc_psnr = _psnr(mean_ref, mean, float(mean_ref.max() - mean_ref.min()))
+    dec_psnr = _psnr(img_ref, img, float(img_ref.max() - img_ref.min()))
+    assert enc_psnr >= BUNDLED_FAST_PSNR_MIN, enc_psnr
+    assert dec_psnr >= BUNDLED_FAST_PSNR_MIN, dec_psnr

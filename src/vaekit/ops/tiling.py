@@ -597,7 +597,10 @@ def _fast(
     shapes = eng.store_shapes(hi_part, tuple(feed.shape))
     out_shape = shapes["out"]
     hi_out = torch.empty(out_shape, dtype=feed.dtype, device=feed.device)
-    unit_in, unit_out = (f, 1) if op == "encode" else (1, f)
+    # pixels per latent pixel on each side of the high-resolution part: the encoder's part ends one downsample
+    # above the latent (its output is 2x the latent size), the decoder's ends at full image size
+    unit_in = f if op == "encode" else 1
+    unit_out = out_shape[2] // latent_h
     _single_pass(run, feed, hi_out, plan, unit_in, unit_out, fallback, notes)
     if op == "decode":
         return hi_out, 3
