@@ -88,8 +88,10 @@ def _timed(fn):  # noqa: ANN001, ANN202
 
 def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
     """Untiled vs exact vs fast at ``args.size``, and diffusers' own tiling beside them."""
+    from vaekit.ops import tiling
     from vaekit.ops.tiling import tiled_decode
 
+    default_scales = tiling.STATS_SCALES
     model, ref_model = _models(args.base_channels, args.seed, not args.skip_diffusers)
     z = _latent(model, args.size)
     model = model.to(dtype)
@@ -100,10 +102,15 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
         model.decode(zc[..., :8, :8])  # warm-up
         untiled, t_un = _timed(lambda: model.decode(zc))
         rows.append(("vaekit untiled", t_un, ""))
-        for mode in ("exact", "fast"):
+        cases = [("exact", None)] + [("fast", s) for s in args.stats_scales]
+        for mode, scale in cases:
+            if scale is not None:  # the statistics pass at this size (the plan takes the largest that fits)
+                tiling.STATS_SCALES = (scale,)
             (out, rep), t = _timed(lambda mode=mode: tiled_decode(model, zc, mode, 64 * GB, tile))
             p, mx = _psnr(untiled, out)
-            rows.append((f"vaekit {mode} ({rep.tiles} tiles of {tile} px)", t, f"{p:.1f} dB, max abs {mx:.2e}"))
+            what = f"vaekit {mode} ({rep.tiles} tiles of {tile} px{'' if scale is None else f', stats at {scale:g}x'})"
+            rows.append((what, t, f"{p:.1f} dB, max abs {mx:.2e}"))
+        tiling.STATS_SCALES = default_scales
     if ref_model is not None:
         ref_model = ref_model.to(dtype)
         with torch.no_grad():
@@ -114,10 +121,10 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
         rows.append(("diffusers untiled", t_dun, ""))
         rows.append(("diffusers enable_tiling() (defaults)", t_dtl, f"{p:.1f} dB, max abs {mx:.2e}"))
     print(f"\n## decode {args.size} px, base_channels {args.base_channels}, {_name(dtype)}")
-    print(f"{'case':44s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
+    print(f"{'case':58s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
     for name, t, q in rows:
         base = t_dun if name.startswith("diffusers") else t_un
-        print(f"{name:44s} {t:8.2f} {t / base:10.2f}  {q}")
+        print(f"{name:58s} {t:8.2f} {t / base:10.2f}  {q}")
 
 
 def _child(args: argparse.Namespace, dtype: torch.dtype) -> None:
@@ -184,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--stats-scales",
+        type=lambda v: [float(x) for x in v.split(",")],
+        default=[0.75, 0.5],
+        help="part 1: fast mode once per size of its statistics pass (comma-separated, e.g. 0.75,0.5)",
+    )
     ap.add_argument("--quick", action="store_true", help="base_channels 32, 512 px, big case 1024 px in 0.25 GB")
     ap.add_argument("--skip-diffusers", action="store_true")
     ap.add_argument("--skip-big", action="store_true")

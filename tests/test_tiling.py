@@ -127,7 +127,7 @@ def test_fast_decode_is_close_and_reports_error(kl):
     with torch.inference_mode():
         ref = kl.decode(z)
         out, report = tiling.tiled_decode(kl, z, "fast", BIG, 64, measure_error=True)
-    assert report.tiles == 4 and report.plan.stats_downscale >= 2
+    assert report.tiles == 4 and report.plan.stats_scale < 1
     assert report.error is not None
     psnr = _psnr(ref, out, float(ref.max() - ref.min()))
     assert report.error["psnr_db"] == pytest.approx(psnr, abs=1e-6)
@@ -138,12 +138,47 @@ def test_fast_with_full_statistics_is_exact(kl, monkeypatch):
     """With statistics taken at full size, fast mode's tiles (halo >= receptive field) agree exactly: no seams."""
     z = torch.randn(1, 4, 8, 6)
     orig = tiling.plan_tiles
-    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_downscale=1))
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
     with torch.inference_mode():
         out, report = tiling.tiled_decode(kl, z, "fast", BIG, 40)
         ref = kl.decode(z)
     assert report.tiles > 1
     assert float((ref - out).abs().max()) < 1e-3
+
+
+@pytest.mark.parametrize("tile_px", [16, 24, 40])
+def test_fast_encode_with_full_statistics_is_exact(kl, image, tile_px, monkeypatch):
+    """The encoder's high-resolution part through shrinking-margin tiles (valid convs inside the image, the LDM
+    downsample's one-sided padding at the image edge, odd margins re-aligned to the stride) equals untiled."""
+    orig = tiling.plan_tiles
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
+    with torch.inference_mode():
+        (mean, logvar), report = tiling.tiled_encode(kl, image, "fast", BIG, tile_px)
+        ref_mean, ref_logvar = kl.encode(image)
+    assert report.tiles > 1
+    assert float((ref_mean - mean).abs().max()) < 1e-4
+    assert float((ref_logvar - logvar).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("tile_px", [8, 16, 32])
+def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile_px, monkeypatch):
+    orig = tiling.plan_tiles
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
+    with torch.inference_mode():
+        out, report = tiling.tiled_decode(kl, latent, "fast", BIG, tile_px)
+        ref = kl.decode(latent)
+    assert report.tiles > 1
+    assert float((ref - out).abs().max()) < 1e-4
+
+
+def test_region_runner_rejects_a_halo_too_small(kl):
+    from vaekit.ops.tiling_region import run_region
+
+    stages = tiling._rename_io(eng.decoder_stages(kl)[-3:])
+    x = torch.randn(1, stages[0].conv.in_channels, 12, 12)
+    stats = {st.name: eng.stats_of(x, kl.config.norm_groups) for st in stages}
+    with pytest.raises(ValueError, match="halo too small"):
+        run_region(stages, x, (1, 1, 1, 1), (False,) * 4, stats, eng.Params())
 
 
 def _replace(plan: tiling.TilePlan, **kw: object) -> tiling.TilePlan:

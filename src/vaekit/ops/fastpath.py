@@ -47,28 +47,37 @@ class FastAttnBlock(AttnBlock):
         return x + self.proj_out(out)
 
 
+def upsample_phase_weights(w: torch.Tensor) -> torch.Tensor:
+    """The 3x3 kernel ``w`` (O, I, 3, 3) of a conv after nearest x2 as four 2x2 kernels (4 O, I, 2, 2), one per
+    output phase (row a, column b) in the order (0,0) (0,1) (1,0) (1,1); summed in float32, returned in w's dtype.
+
+    Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows (i-1, i) for a = 0 with taps
+    (w0, w1 + w2), and input rows (i, i+1) for a = 1 with taps (w0 + w1, w2). Same for columns.
+    """
+    w32 = w.float()
+    rows = (
+        torch.stack([w32[:, :, 0], w32[:, :, 1] + w32[:, :, 2]], 2),
+        torch.stack([w32[:, :, 0] + w32[:, :, 1], w32[:, :, 2]], 2),
+    )
+    kernels = []
+    for a in range(2):
+        for b in range(2):
+            r = rows[a]  # (O, I, 2, 3)
+            cols = (
+                torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
+                torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1),
+            )
+            kernels.append(cols[b])
+    return torch.cat(kernels, 0).to(w.dtype)
+
+
 class FastUpsample(nn.Module):
     """Nearest x2 + 3x3 conv computed as one 2x2 conv with 4x the output channels, then interleaved."""
 
     def __init__(self, up: Upsample) -> None:
         super().__init__()
-        w = up.conv.weight.detach().float()  # (O, I, 3, 3)
-        # Output row 2i + a reads upsampled rows 2i + a - 1 .. 2i + a + 1, i.e. input rows (i-1, i) for a = 0 with
-        # taps (w0, w1 + w2), and input rows (i, i+1) for a = 1 with taps (w0 + w1, w2). Same for columns.
-        rows = (
-            torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2),
-            torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2),
-        )
-        kernels = []
-        for a in range(2):
-            for b in range(2):
-                r = rows[a]  # (O, I, 2, 3)
-                cols = (
-                    torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1),
-                    torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1),
-                )
-                kernels.append(cols[b])
-        weight = torch.cat(kernels, 0).to(up.conv.weight.dtype)  # (4 O, I, 2, 2), phases (0,0) (0,1) (1,0) (1,1)
+        w = up.conv.weight.detach()
+        weight = upsample_phase_weights(w)
         bias = up.conv.bias.detach().repeat(4) if up.conv.bias is not None else None
         self.conv = nn.Conv2d(w.shape[1], 4 * w.shape[0], 2, padding=1, bias=bias is not None, device=weight.device)
         with torch.no_grad():

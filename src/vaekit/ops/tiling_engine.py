@@ -227,7 +227,7 @@ class Params:
     """Module weights in the compute dtype; float32 copies are made on first use (for the NaN fallback)."""
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
     def get(self, m: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of ``m`` in ``dtype``."""
@@ -237,6 +237,16 @@ class Params:
         key = (id(m), dtype)
         if key not in self._cache:
             self._cache[key] = (w.to(dtype), None if b is None else b.to(dtype))
+        return self._cache[key]
+
+    def upsample_phases(self, m: nn.Conv2d, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of the four 2x2 phase kernels equivalent to ``m`` after nearest x2, in ``dtype``."""
+        key = (id(m), dtype, "phases")
+        if key not in self._cache:
+            from vaekit.ops.fastpath import upsample_phase_weights
+
+            w = upsample_phase_weights(m.weight.float()).to(dtype)
+            self._cache[key] = (w, None if m.bias is None else m.bias.to(dtype).repeat(4))
         return self._cache[key]
 
 
@@ -303,12 +313,36 @@ def _conv(x: torch.Tensor, m: nn.Conv2d, params: Params, dtype: torch.dtype, pad
     return F.conv2d(x, w, b, m.stride, padding)
 
 
+def _upsample_window(
+    x: torch.Tensor,
+    conv: nn.Conv2d,
+    params: Params,
+    dtype: torch.dtype,
+    read_at: tuple[int, int],
+    out_at: tuple[int, int],
+    size: tuple[int, int],
+    pads: tuple[int, int, int, int],
+) -> torch.Tensor:
+    """Output window (``out_at``, ``size``) of nearest x2 + 3x3 conv, from the low-resolution rows/columns read at
+    ``read_at``, computed as four phase convs (:func:`tiling_region.upsample_conv`); ``pads`` (top, bottom, left,
+    right) say which sides are image borders, where the untiled conv zero-pads."""
+    from vaekit.ops.tiling_region import upsample_conv
+
+    pad = tuple(1 if v else 0 for v in pads)
+    if any(pad):
+        x = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
+    y = upsample_conv(x, conv, pad, params, dtype)  # starts at upsampled row 2 * read + 1 - pad (0 at a border)
+    r0 = out_at[0] - (2 * read_at[0] + 1 - pad[0])
+    c0 = out_at[1] - (2 * read_at[1] + 1 - pad[2])
+    return y[:, :, r0 : r0 + size[0], c0 : c0 + size[1]]
+
+
 def stage_tile(job: TileJob, dtype: torch.dtype) -> torch.Tensor:
     """Output window of one conv stage for one tile, computed in ``dtype``."""
     st, p = job.stage, job.params
     h_in, w_in = job.src_size
-    ra, rb, roff, rpl, rph = _window(job.y0, job.y1, h_in, st.resample)
-    ca, cb, coff, cpl, cph = _window(job.x0, job.x1, w_in, st.resample)
+    ra, rb, _, rpl, rph = _window(job.y0, job.y1, h_in, st.resample)
+    ca, cb, _, cpl, cph = _window(job.x0, job.x1, w_in, st.resample)
     x = job.src_rows[:, :, ra - job.src_a : rb - job.src_a, ca:cb].to(dtype)
     if st.pre is not None:
         x = _conv(x, st.pre, p, dtype)
@@ -316,11 +350,12 @@ def stage_tile(job: TileJob, dtype: torch.dtype) -> torch.Tensor:
         assert job.in_stats is not None
         x = norm_act(x, st.norm, job.in_stats, p, dtype)
     if st.resample == "up":
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        x = x[:, :, roff : roff + (job.y1 - job.y0) + 2 - rpl - rph, coff : coff + (job.x1 - job.x0) + 2 - cpl - cph]
-    if rpl or rph or cpl or cph:
-        x = F.pad(x, (cpl, cph, rpl, rph))
-    out = _conv(x, st.conv, p, dtype)
+        out = _upsample_window(x, st.conv, p, dtype, (ra, ca), (job.y0, job.x0), (job.y1 - job.y0, job.x1 - job.x0),
+                               (rpl, rph, cpl, cph))  # fmt: skip
+    else:
+        if rpl or rph or cpl or cph:
+            x = F.pad(x, (cpl, cph, rpl, rph))
+        out = _conv(x, st.conv, p, dtype)
     if st.post is not None:
         out = _conv(out, st.post, p, dtype)
     if job.skip_rows is not None:
