@@ -36,8 +36,9 @@ from vaekit.ops.tiling_region import Border, Margins, run_region
 MODES = ("exact", "fast")
 # Measured untiled peak / modelled live-tensor bytes (benchmarks/bench_tiling.py --calibrate); see docs/tiling.md.
 CALIBRATION = 1.15
-# Tiled runs allocate many differently sized temporaries; measured peaks (bench_tiling.py part 2) were about twice
-# the modelled live bytes (allocator fragmentation, oneDNN reorders), so tile plans use this factor instead.
+# Tiled runs allocate many differently sized per-tile temporaries; measured peaks (bench_tiling.py part 2) were about
+# twice the modelled bytes (allocator fragmentation, oneDNN reorders), so tile plans count the temporaries with this
+# factor. Whole activations, attention keys and values and file bands are single allocations, counted once.
 TILED_CALIBRATION = 2.4
 # Smallest tile side, in latent pixels, worth running from RAM stores before spilling whole activations to disk.
 MIN_RAM_TILE = 8
@@ -58,7 +59,7 @@ class TilePlan:
     tile_px: int  # tile side in image pixels
     grid: tuple[int, int]  # tile rows, tile columns
     halo: int  # halo in latent pixels (exact KL: 1 conv pixel per stage, exchanged at every stage: 0 here)
-    store: str  # "ram" | "disk" (exact KL), "none" (tiny, fast hi-res part)
+    store: str  # where whole activations live: "ram" | "disk" (exact KL; fast KL's latent-size part), "none" (tiny)
     stats_scale: float  # fast KL: size of the statistics pass relative to the input (1.0 otherwise)
     estimated_peak: int  # bytes, activations only (weights and the input excluded, the output included)
     budget: int
@@ -150,8 +151,7 @@ def _tile_temp_bytes(st: Stage, shapes: dict[str, tuple[int, ...]], step: int, e
     n, cin, cout = src[0], src[1], out[1]
     th, tw = min(step, out[2]), min(step, out[3])
     if st.attn is not None:
-        hw = src[2] * src[3]
-        return n * (2 * cin * hw * e + cin * th * tw * (4 + 6 * e))  # keys, values; normed, q, out, proj, sum
+        return n * cin * th * tw * (4 + 6 * e)  # normed, q, out, proj, sum (keys and values: see _exact_need)
     fin = 2 if st.resample == "down" else 1
     rin = cin * (fin * th + 2) * (fin * tw + 2) if st.resample != "up" else cin * (th // 2 + 2) * (tw // 2 + 2)
     temps = rin * (4 + e) if st.norm is not None else rin * e  # float32 norm result and its cast
@@ -200,14 +200,14 @@ def _exact_need(
     peak = 0
     for k, st in enumerate(stages):
         step = tile * (shapes[st.dst][2] // latent_h)
-        temps = _tile_temp_bytes(st, shapes, step, e, region_in=disk)
+        temps = _tile_temp_bytes(st, shapes, step, e, region_in=disk) * TILED_CALIBRATION
+        kv = 2 * _area(shapes[st.src]) * shapes[st.src][1] * e if st.attn is not None else 0
         if disk:
-            kv = 2 * _area(shapes[st.src]) * shapes[st.src][1] * e if st.attn is not None else 0
             need = out_bytes + _band_bytes(st, shapes, step, e) + temps + kv
         else:
-            need = live[k] + temps
+            need = live[k] + temps + kv
         peak = max(peak, need)
-    return int(peak * TILED_CALIBRATION)
+    return int(peak)
 
 
 def _candidates(size: int) -> list[int]:
@@ -296,21 +296,22 @@ def _plan_fast(
     halo = math.ceil(eng.receptive_halo(hi_stages, hi_in[2]) / unit)
     out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
     held = (hi_in[1] * _area(hi_in) if op == "decode" else shapes[stages[hi - 1].dst][1] * _area(low_in)) * e
-    # statistics pass: the largest scale whose single-tile run takes at most half the budget
+    # statistics pass (it runs alone, beside the whole input of the high-resolution part): the largest that fits
     for s in STATS_SCALES:
         small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
         stats_need = _region_need(hi_stages, small, e)
-        if stats_need + held <= budget // 2:
+        if stats_need + held <= budget:
             break
     for t in [forced] if forced is not None else _candidates(max(latent)):
         th, tw = min(t, latent[0]), min(t, latent[1])
         region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit, (tw + 2 * halo) * unit)
         tile_need = _region_need(hi_stages, region, e)
-        low_need = _exact_need(low_stages, low_shapes, t, e, latent[0], False)  # runs with the same tiles
-        need = max(low_need, held + out_bytes + tile_need, held + stats_need)
-        if need <= budget:
-            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
-            return TilePlan("fast", op, t, t * f, grid, halo, "none", s, need, budget)
+        hi_need = max(held + out_bytes + tile_need, held + stats_need)
+        for disk in (False, True):  # the exact latent-size part, with the same tiles, spills when RAM is short
+            need = max(_exact_need(low_stages, low_shapes, t, e, latent[0], disk), hi_need)
+            if need <= budget:
+                grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+                return TilePlan("fast", op, t, t * f, grid, halo, "disk" if disk else "ram", s, need, budget)
     raise BadInputError(
         f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}"
         + (f" with {forced * f} px tiles" if forced else "")
@@ -586,7 +587,14 @@ def _fast(
     def exact_low(part: list[Stage], inp: torch.Tensor) -> torch.Tensor:
         part = _rename_io(part)
         res = eng.run_stages(
-            part, inp, plan.tile, scale_of=lambda h: 1, groups=groups, fallback=fallback, attn_chunk=attn_chunk
+            part,
+            inp,
+            plan.tile,
+            scale_of=lambda h: 1,
+            groups=groups,
+            disk=plan.store == "disk",
+            fallback=fallback,
+            attn_chunk=attn_chunk,
         )
         notes.extend(res.notes)
         return res.output
