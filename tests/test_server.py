@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -630,7 +631,13 @@ def test_ui_page_and_docs_are_served(client: httpx.Client) -> None:
     js = client.get("/ui/app.js")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
     assert client.get("/ui/style.css").status_code == 200
-    assert client.get("/docs").status_code == 200
+    for path in ("/docs", "/redoc"):  # the API pages load their scripts and styles from this server only
+        docs = client.get(path)
+        assert docs.status_code == 200
+        assets = re.findall(r'(?:src|href)="([^"]+)"', docs.text)
+        assert assets and all(a.startswith("/") for a in assets), assets
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset
     paths = client.get("/openapi.json").json()["paths"]
     want = ["/vaes", "/vaes/select", "/encode", "/decode", "/roundtrip", "/compare", "/health", "/interpolate"]
     assert set(want) <= set(paths)

@@ -187,9 +187,9 @@ def _replace(plan: tiling.TilePlan, **kw: object) -> tiling.TilePlan:
     return dataclasses.replace(plan, **kw)
 
 
-# Statistics from a 2x-downscaled pass over a 16x16 latent of i.i.d. noise on a narrow random model: the hardest
-# case for the estimate. Measured about 30 dB (range of the reference); see docs/tiling.md for wide models.
-FAST_PSNR_MIN = 25.0
+# Statistics from a pass at 0.75 of the size over a 16x16 latent of i.i.d. noise on a narrow random model: the
+# hardest case for the estimate. Measured 38.5 dB (range of the reference; 30 dB with the earlier 0.5 pass).
+FAST_PSNR_MIN = 33.0
 
 
 # --- NaN recovery ------------------------------------------------------------------------------------------------
@@ -323,9 +323,10 @@ class _NanEmpty:
         return torch.full(tuple(shape), float("nan"), **kw)  # type: ignore[arg-type]
 
 
-# Bundled VAE (widths 16-128, groups of 2 channels) at 304x456, 64 MiB: measured 39.8 dB (encode, 6 tiles, 4x
-# downscaled statistics) and 39.8 dB (decode of that latent, 24 tiles); before the fix encode gave about 27 dB, with
-# three quarters of the encoder's high-resolution output never written.
+# Bundled VAE (widths 16-128, groups of 2 channels) at 304x456, 64 MiB: measured 48.5 dB (encode, 6 tiles,
+# statistics at 0.5) and 39.8 dB (decode of that latent, 24 tiles, statistics at 0.25); before the encode fix of
+# 2026-11-21 encode gave about 27 dB, with three quarters of the encoder's high-resolution output never written.
+BUNDLED_FAST_ENCODE_PSNR_MIN = 43.0
 BUNDLED_FAST_PSNR_MIN = 35.0
 
 
@@ -345,5 +346,5 @@ def test_fast_bundled_encode_decode_are_finite_and_close(monkeypatch):
     assert bool(mean.isfinite().all() and logvar.isfinite().all() and img.isfinite().all())
     enc_psnr = _psnr(mean_ref, mean, float(mean_ref.max() - mean_ref.min()))
     dec_psnr = _psnr(img_ref, img, float(img_ref.max() - img_ref.min()))
-    assert enc_psnr >= BUNDLED_FAST_PSNR_MIN, enc_psnr
+    assert enc_psnr >= BUNDLED_FAST_ENCODE_PSNR_MIN, enc_psnr
     assert dec_psnr >= BUNDLED_FAST_PSNR_MIN, dec_psnr

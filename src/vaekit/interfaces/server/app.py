@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import vaekit
@@ -101,7 +102,7 @@ def create_app(settings: ServerSettings | None = None) -> GuardMiddleware:
             tempfile.tempdir = saved_tempdir
             shutil.rmtree(tmpdir, ignore_errors=True)
 
-    app = FastAPI(
+    app = FastAPIOffline(  # a FastAPI app whose /docs and /redoc load their scripts from the package, not a CDN
         title="vaekit",
         version=vaekit.__version__,
         summary="Encode, decode, round-trip and compare images with the VAEs of latent diffusion models.",
