@@ -171,6 +171,31 @@ def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile
     assert float((ref - out).abs().max()) < 1e-4
 
 
+def test_fast_statistics_pass_spilled_to_disk_gives_the_same_result(kl, monkeypatch):
+    """When the statistics pass does not fit in RAM its activations go to files (bands of STATS_TILE rows): the
+    statistics, and so the image, are those of the in-RAM pass."""
+    z = torch.randn(1, 4, 12, 10)
+    orig = tiling.plan_tiles
+    results = {}
+    monkeypatch.setattr(tiling, "STATS_TILE", 8)
+    for store in ("ram", "disk"):
+        monkeypatch.setattr(tiling, "plan_tiles", lambda *a, s=store, **k: _replace(orig(*a, **k), stats_store=s))
+        with torch.inference_mode():
+            results[store], report = tiling.tiled_decode(kl, z, "fast", BIG, 32)
+        assert report.plan.stats_store == store and report.tiles > 1
+    assert float((results["ram"] - results["disk"]).abs().max()) < 1e-5
+
+
+def test_fast_plan_spills_the_statistics_pass_before_shrinking_it():
+    cfg = small_config("sd1")
+    shape = (1, 4, 64, 64)
+    roomy = tiling.plan_tiles(cfg, "decode", shape, torch.float32, BIG, mode="fast")
+    assert (roomy.stats_scale, roomy.stats_store) == (0.75, "ram")
+    tight = tiling.plan_tiles(cfg, "decode", shape, torch.float32, roomy.estimated_peak // 8, mode="fast")
+    assert (tight.stats_scale, tight.stats_store) == (0.75, "disk")
+    assert tight.estimated_peak <= roomy.estimated_peak // 8
+
+
 def test_region_runner_rejects_a_halo_too_small(kl):
     from vaekit.ops.tiling_region import run_region
 

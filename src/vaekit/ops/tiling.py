@@ -47,6 +47,7 @@ DOWNSCALE_MODE = "nearest"
 # Fast KL: sizes of the statistics pass relative to the full input, largest first; the plan takes the largest that
 # fits half the budget. Measured on random sd1 weights (docs/tiling.md): 0.5 -> 36-38 dB, 0.75 -> 42 dB.
 STATS_SCALES = (0.75, 0.5, 0.25, 0.125, 0.0625, 0.03125)
+STATS_TILE = 64  # rows per band (and tile side) of the statistics pass when its activations spill to files
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class TilePlan:
     stats_scale: float  # fast KL: size of the statistics pass relative to the input (1.0 otherwise)
     estimated_peak: int  # bytes, activations only (weights and the input excluded, the output included)
     budget: int
+    stats_store: str = "ram"  # fast KL: where the statistics pass keeps its whole activations ("ram" | "disk")
 
     @property
     def tiles(self) -> int:
@@ -192,14 +194,21 @@ def _band_bytes(st: Stage, shapes: dict[str, tuple[int, ...]], step: int, e: int
 
 
 def _exact_need(
-    stages: list[Stage], shapes: dict[str, tuple[int, ...]], tile: int, e: int, latent_h: int, disk: bool
+    stages: list[Stage],
+    shapes: dict[str, tuple[int, ...]],
+    tile: int,
+    e: int,
+    latent_h: int,
+    disk: bool,
+    uniform: bool = False,
 ) -> int:
-    """Estimated peak bytes of :func:`tiling_engine.run_stages` with latent tile side ``tile``."""
+    """Estimated peak bytes of :func:`tiling_engine.run_stages` with latent tile side ``tile`` (``uniform``: the
+    same ``tile`` pixels at every store's own resolution, as the statistics pass runs)."""
     out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
     live = _live_stores(stages, shapes, e)
     peak = 0
     for k, st in enumerate(stages):
-        step = tile * (shapes[st.dst][2] // latent_h)
+        step = tile if uniform else tile * (shapes[st.dst][2] // latent_h)
         temps = _tile_temp_bytes(st, shapes, step, e, region_in=disk) * TILED_CALIBRATION
         kv = 2 * _area(shapes[st.src]) * shapes[st.src][1] * e if st.attn is not None else 0
         if disk:
@@ -296,22 +305,33 @@ def _plan_fast(
     halo = math.ceil(eng.receptive_halo(hi_stages, hi_in[2]) / unit)
     out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
     held = (hi_in[1] * _area(hi_in) if op == "decode" else shapes[stages[hi - 1].dst][1] * _area(low_in)) * e
-    # statistics pass (it runs alone, beside the whole input of the high-resolution part): the largest that fits
+    # statistics pass (it runs alone, beside the whole input of the high-resolution part): the largest size that
+    # fits, its whole activations in RAM or, failing that, in files read by bands of STATS_TILE rows
+    stats = None
     for s in STATS_SCALES:
         small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
-        stats_need = _region_need(hi_stages, small, e)
-        if stats_need + held <= budget:
+        small_shapes = eng.store_shapes(hi_stages, small)
+        for disk, st_tile in ((False, _HUGE), (True, STATS_TILE)):
+            need = held + small[1] * _area(small) * e + _exact_need(hi_stages, small_shapes, st_tile, e, 1, disk, True)
+            if need <= budget:
+                stats = (s, "disk" if disk else "ram", need)
+                break
+        if stats is not None:
             break
+    if stats is None:
+        raise BadInputError(f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}")
+    s, stats_store, stats_need = stats
     for t in [forced] if forced is not None else _candidates(max(latent)):
         th, tw = min(t, latent[0]), min(t, latent[1])
         region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit, (tw + 2 * halo) * unit)
         tile_need = _region_need(hi_stages, region, e)
-        hi_need = max(held + out_bytes + tile_need, held + stats_need)
+        hi_need = max(held + out_bytes + tile_need, stats_need)
         for disk in (False, True):  # the exact latent-size part, with the same tiles, spills when RAM is short
             need = max(_exact_need(low_stages, low_shapes, t, e, latent[0], disk), hi_need)
             if need <= budget:
                 grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
-                return TilePlan("fast", op, t, t * f, grid, halo, "disk" if disk else "ram", s, need, budget)
+                store = "disk" if disk else "ram"
+                return TilePlan("fast", op, t, t * f, grid, halo, store, s, need, budget, stats_store)
     raise BadInputError(
         f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}"
         + (f" with {forced * f} px tiles" if forced else "")
@@ -606,7 +626,17 @@ def _fast(
     s = plan.stats_scale
     small_size = (_down(feed.shape[2], s, unit), _down(feed.shape[3], s, unit))
     small = F.interpolate(feed.float(), size=small_size, mode=DOWNSCALE_MODE).to(feed.dtype)
-    est = eng.run_stages(hi_part, small, _HUGE, scale_of=lambda h: 1, groups=groups, fallback=fallback)
+    disk = plan.stats_store == "disk"
+    est = eng.run_stages(
+        hi_part,
+        small,
+        STATS_TILE if disk else _HUGE,
+        scale_of=lambda h: 1,
+        groups=groups,
+        disk=disk,
+        fallback=fallback,
+    )
+    del small
     notes.extend(f"statistics pass: {n}" for n in est.notes)
 
     params = eng.Params()
