@@ -313,6 +313,30 @@ def _conv(x: torch.Tensor, m: nn.Conv2d, params: Params, dtype: torch.dtype, pad
     return F.conv2d(x, w, b, m.stride, padding)
 
 
+def upsample_conv(
+    x: torch.Tensor, conv: nn.Conv2d, pad: tuple[int, ...], params: Params, dtype: torch.dtype
+) -> torch.Tensor:
+    """Valid 3x3 conv of the nearest x2 upsampling of ``x`` (already zero-padded by one low-resolution pixel on
+    the sides in ``pad``), as four 2x2 convs on ``x`` (one per output phase, see
+    :func:`fastpath.upsample_phase_weights`) interleaved: 2.25x fewer multiply-adds and no upsampled copy.
+
+    Output pair p reads input rows (p, p + 1) and gives upsampled rows 2p + 1 (phase 1) and 2p + 2 (phase 0) of
+    the unpadded input, so the interleaved result starts at upsampled row 1 (or -1 where padded: cropped)."""
+    w, b = params.upsample_phases(conv, dtype)
+    y = F.conv2d(x, w, b)
+    n, _, h, wd = y.shape
+    o = conv.out_channels
+    fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1 else None
+    out = torch.empty((n, o, 2 * h, 2 * wd), dtype=y.dtype, device=y.device)
+    if fmt is not None:
+        out = out.contiguous(memory_format=fmt)
+    for k in range(4):  # phase (a, b) lands on rows offset 1 - a, columns offset 1 - b
+        a, c = divmod(k, 2)
+        out[:, :, 1 - a :: 2, 1 - c :: 2] = y[:, k * o : (k + 1) * o]
+    top, bottom, left, right = pad
+    return out[:, :, top : 2 * h - bottom, left : 2 * wd - right]
+
+
 def _upsample_window(
     x: torch.Tensor,
     conv: nn.Conv2d,
@@ -324,10 +348,8 @@ def _upsample_window(
     pads: tuple[int, int, int, int],
 ) -> torch.Tensor:
     """Output window (``out_at``, ``size``) of nearest x2 + 3x3 conv, from the low-resolution rows/columns read at
-    ``read_at``, computed as four phase convs (:func:`tiling_region.upsample_conv`); ``pads`` (top, bottom, left,
+    ``read_at``, computed as four phase convs (:func:`upsample_conv`); ``pads`` (top, bottom, left,
     right) say which sides are image borders, where the untiled conv zero-pads."""
-    from vaekit.ops.tiling_region import upsample_conv
-
     pad = tuple(1 if v else 0 for v in pads)
     if any(pad):
         x = F.pad(x, (pad[2], pad[3], pad[0], pad[1]))
