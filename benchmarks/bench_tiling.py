@@ -5,8 +5,11 @@
     .venv/bin/python benchmarks/bench_tiling.py --base-channels 32 --size 1024 --big-size 2048 --budget-gb 0.5
 
 Part 1 (one process): the same random sd1 weights in vaekit and diffusers ``AutoencoderKL``; a latent from the
-photo; untiled decode, vaekit exact and fast tiled decode (2x2 tiles of size/2), diffusers ``enable_tiling()`` with
-its default tile sizes. PSNR is on the [-1, 1] output scale (data range 2) against the same library's untiled decode.
+photo; untiled decode; vaekit exact and fast tiled decode with room for everything (2x2 tiles of size/2; fast then
+runs the exact engine); fast and exact under each ``--fast-budgets`` budget (too small for every activation in RAM:
+fast estimates the statistics of the stages above its cut, exact spills to files); with ``--estimate-all``, fast
+with every stage above latent resolution estimated; diffusers ``enable_tiling()`` with its default tile sizes.
+PSNR is on the [-1, 1] output scale (data range 2) against the same library's untiled decode.
 
 Part 2 (one fresh subprocess per case): a big decode under ``--budget-gb``. Peak memory is the child's
 ``ru_maxrss`` minus that of a child that only built the model and the latent (the baseline), so weights and the
@@ -91,26 +94,42 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
     from vaekit.ops import tiling
     from vaekit.ops.tiling import tiled_decode
 
-    default_scales = tiling.STATS_SCALES
     model, ref_model = _models(args.base_channels, args.seed, not args.skip_diffusers)
     z = _latent(model, args.size)
     model = model.to(dtype)
     zc = z.to(dtype)
     tile = args.size // 2
     rows: list[tuple[str, float, str]] = []
+    n_stages = len(tiling.eng.decoder_stages(model))
+
+    def run(label: str, mode: str, budget_gb: float, tile_px: int | None) -> None:
+        (out, rep), t = _timed(lambda: tiled_decode(model, zc, mode, int(budget_gb * GB), tile_px))
+        p, mx = _psnr(untiled, out)
+        plan = rep.plan
+        how = f"{rep.tiles} tiles of {rep.tile_size} px"
+        if mode == "fast":
+            a, b = plan.estimated
+            how += (
+                ", all stages exact"
+                if a == b
+                else f", stages {a}-{b - 1} of {n_stages} estimated at {plan.stats_scale:g}x ({plan.stats_store})"
+            )
+        rows.append((f"{label}, {budget_gb:g} GB ({how})", t, f"{p:.1f} dB, max abs {mx:.2e}"))
+
     with torch.inference_mode():
         model.decode(zc[..., :8, :8])  # warm-up
         untiled, t_un = _timed(lambda: model.decode(zc))
         rows.append(("vaekit untiled", t_un, ""))
-        cases = [("exact", None)] + [("fast", s) for s in args.stats_scales]
-        for mode, scale in cases:
-            if scale is not None:  # the statistics pass at this size (the plan takes the largest that fits)
-                tiling.STATS_SCALES = (scale,)
-            (out, rep), t = _timed(lambda mode=mode: tiled_decode(model, zc, mode, 64 * GB, tile))
-            p, mx = _psnr(untiled, out)
-            what = f"vaekit {mode} ({rep.tiles} tiles of {tile} px{'' if scale is None else f', stats at {scale:g}x'})"
-            rows.append((what, t, f"{p:.1f} dB, max abs {mx:.2e}"))
-        tiling.STATS_SCALES = default_scales
+        run("vaekit exact", "exact", 64, tile)
+        run("vaekit fast", "fast", 64, tile)  # room for everything: fast runs the exact engine
+        for b in args.fast_budgets:  # the budget forces a cut: the stages above it get estimated statistics
+            run("vaekit fast", "fast", b, None)
+            run("vaekit exact", "exact", b, None)
+        if args.estimate_all:  # every stage above latent resolution estimated, whatever the budget
+            widest = tiling._tile_parts
+            tiling._tile_parts = lambda *a: widest(*a)[-1:]
+            run("vaekit fast, all high-res stages estimated", "fast", 64, tile)
+            tiling._tile_parts = widest
     if ref_model is not None:
         ref_model = ref_model.to(dtype)
         with torch.no_grad():
@@ -121,10 +140,10 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
         rows.append(("diffusers untiled", t_dun, ""))
         rows.append(("diffusers enable_tiling() (defaults)", t_dtl, f"{p:.1f} dB, max abs {mx:.2e}"))
     print(f"\n## decode {args.size} px, base_channels {args.base_channels}, {_name(dtype)}")
-    print(f"{'case':58s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
+    print(f"{'case':84s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
     for name, t, q in rows:
         base = t_dun if name.startswith("diffusers") else t_un
-        print(f"{name:58s} {t:8.2f} {t / base:10.2f}  {q}")
+        print(f"{name:84s} {t:8.2f} {t / base:10.2f}  {q}")
 
 
 def _child(args: argparse.Namespace, dtype: torch.dtype) -> None:
@@ -192,10 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--stats-scales",
-        type=lambda v: [float(x) for x in v.split(",")],
-        default=[0.75, 0.5],
-        help="part 1: fast mode once per size of its statistics pass (comma-separated, e.g. 0.75,0.5)",
+        "--fast-budgets",
+        type=lambda v: [float(x) for x in v.split(",") if x],
+        default=[1.5, 1.0],
+        help="part 1: budgets (GB, comma-separated) too small for everything exact in RAM: fast and exact at each",
+    )
+    ap.add_argument(
+        "--estimate-all",
+        action="store_true",
+        help="part 1: also fast mode with every stage above latent resolution estimated (vaekit's earlier fast mode)",
     )
     ap.add_argument("--quick", action="store_true", help="base_channels 32, 512 px, big case 1024 px in 0.25 GB")
     ap.add_argument("--skip-diffusers", action="store_true")
@@ -205,6 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.base_channels, args.size, args.big_size, args.budget_gb = 32, 512, 1024, 0.25
+        args.fast_budgets = [0.05]
     torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(args.precision)
     if dtype is None:  # auto: what the codec pipeline would pick on this device

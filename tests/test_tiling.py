@@ -121,7 +121,14 @@ def test_tiny_vae_tiles_exactly(tiny):
 
 
 # --- fast mode -------------------------------------------------------------------------------------------------
-def test_fast_decode_is_close_and_reports_error(kl):
+@pytest.fixture
+def widest(monkeypatch):
+    """Fast mode made to estimate the statistics of every stage above latent resolution, whatever the budget."""
+    orig = tiling._tile_parts
+    monkeypatch.setattr(tiling, "_tile_parts", lambda *a: orig(*a)[-1:])
+
+
+def test_fast_decode_is_close_and_reports_error(kl, widest):
     torch.manual_seed(5)
     z = torch.randn(1, 4, 16, 16)
     with torch.inference_mode():
@@ -134,7 +141,7 @@ def test_fast_decode_is_close_and_reports_error(kl):
     assert psnr >= FAST_PSNR_MIN, psnr
 
 
-def test_fast_with_full_statistics_is_exact(kl, monkeypatch):
+def test_fast_with_full_statistics_is_exact(kl, widest, monkeypatch):
     """With statistics taken at full size, fast mode's tiles (halo >= receptive field) agree exactly: no seams."""
     z = torch.randn(1, 4, 8, 6)
     orig = tiling.plan_tiles
@@ -147,7 +154,7 @@ def test_fast_with_full_statistics_is_exact(kl, monkeypatch):
 
 
 @pytest.mark.parametrize("tile_px", [16, 24, 40])
-def test_fast_encode_with_full_statistics_is_exact(kl, image, tile_px, monkeypatch):
+def test_fast_encode_with_full_statistics_is_exact(kl, image, tile_px, widest, monkeypatch):
     """The encoder's high-resolution part through shrinking-margin tiles (valid convs inside the image, the LDM
     downsample's one-sided padding at the image edge, odd margins re-aligned to the stride) equals untiled."""
     orig = tiling.plan_tiles
@@ -161,7 +168,7 @@ def test_fast_encode_with_full_statistics_is_exact(kl, image, tile_px, monkeypat
 
 
 @pytest.mark.parametrize("tile_px", [8, 16, 32])
-def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile_px, monkeypatch):
+def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile_px, widest, monkeypatch):
     orig = tiling.plan_tiles
     monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
     with torch.inference_mode():
@@ -171,7 +178,7 @@ def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile
     assert float((ref - out).abs().max()) < 1e-4
 
 
-def test_fast_statistics_pass_spilled_to_disk_gives_the_same_result(kl, monkeypatch):
+def test_fast_statistics_pass_spilled_to_disk_gives_the_same_result(kl, widest, monkeypatch):
     """When the statistics pass does not fit in RAM its activations go to files (bands of STATS_TILE rows): the
     statistics, and so the image, are those of the in-RAM pass."""
     z = torch.randn(1, 4, 12, 10)
@@ -186,7 +193,7 @@ def test_fast_statistics_pass_spilled_to_disk_gives_the_same_result(kl, monkeypa
     assert float((results["ram"] - results["disk"]).abs().max()) < 1e-5
 
 
-def test_fast_plan_spills_the_statistics_pass_before_shrinking_it():
+def test_fast_plan_spills_the_statistics_pass_before_shrinking_it(widest):
     cfg = small_config("sd1")
     shape = (1, 4, 64, 64)
     roomy = tiling.plan_tiles(cfg, "decode", shape, torch.float32, BIG, mode="fast")
@@ -194,6 +201,80 @@ def test_fast_plan_spills_the_statistics_pass_before_shrinking_it():
     tight = tiling.plan_tiles(cfg, "decode", shape, torch.float32, roomy.estimated_peak // 8, mode="fast")
     assert (tight.stats_scale, tight.stats_store) == (0.75, "disk")
     assert tight.estimated_peak <= roomy.estimated_peak // 8
+
+
+def test_fast_runs_everything_exactly_when_it_fits_in_ram(kl, latent):
+    """With room for the whole activations, fast mode is the exact staged engine (faster than any estimate)."""
+    with torch.inference_mode():
+        out, report = tiling.tiled_decode(kl, latent, "fast", BIG, 24)
+        ref = kl.decode(latent)
+    assert report.plan.estimated == (0, 0) and report.plan.stats_scale == 1.0 and report.tiles > 1
+    assert float((ref - out).abs().max()) < 1e-4
+
+
+def _decode_parts() -> tuple[list[eng.Stage], list[tuple[int, int]]]:
+    cfg = small_config("sd1")
+    stages = eng.decoder_stages(tiling._meta_model(cfg))
+    lo, hi = tiling._split(stages, "decode", (1, 4, 16, 16), 16)
+    return stages, tiling._tile_parts(stages, "decode", lo, hi)
+
+
+def test_tile_parts_never_cut_a_residual():
+    stages, parts = _decode_parts()
+    assert parts[0] == (len(stages), len(stages)) and parts[-1][1] == len(stages)
+    assert 2 < len(parts) < len(stages)
+    made = {}
+    for k, st in enumerate(stages):
+        made[st.dst] = k
+    for a, _ in parts[1:]:
+        for st in stages[a:]:  # nothing after the cut reads a store made before it, except the cut's own input
+            for name in (st.src, st.skip):
+                if name is not None and name != stages[a].src:
+                    assert made.get(name, -1) >= a, (a, st.name, name)
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_fast_decode_cut_above_latent_resolution_is_exact_with_full_statistics(kl, latent, which, monkeypatch):
+    """Exact stages up to a cut inside the upsampling path, then one tile pass (its input 2x-8x the latent size,
+    margins in those pixels): with full statistics the result is the untiled decode."""
+    _, parts = _decode_parts()
+    part = parts[len(parts) * which // 3]
+    monkeypatch.setattr(tiling, "_tile_parts", lambda *a: [part])
+    orig = tiling.plan_tiles
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
+    with torch.inference_mode():
+        out, report = tiling.tiled_decode(kl, latent, "fast", BIG, 16)
+        ref = kl.decode(latent)
+    assert report.plan.estimated == part and report.tiles > 1
+    assert float((ref - out).abs().max()) < 1e-4
+
+
+def test_fast_plan_keeps_stages_exact_as_the_budget_allows():
+    """Shrinking the budget moves the cut towards the output: fewer exact stages, never over the budget."""
+    cfg = small_config("sd1")
+    shape = (1, 4, 64, 64)
+    cuts = []
+    full = tiling.plan_tiles(cfg, "decode", shape, torch.float32, BIG, mode="fast")
+    for frac in (1.0, 0.2, 0.1, 0.05, 0.03):
+        budget = int(full.estimated_peak * frac)
+        plan = tiling.plan_tiles(cfg, "decode", shape, torch.float32, budget, mode="fast")
+        assert plan.estimated_peak <= budget
+        cuts.append(plan.estimated[0] if plan.estimated != (0, 0) else 10**6)
+    assert cuts[0] == 10**6 and cuts == sorted(cuts, reverse=True) and len(set(cuts)) >= 3, cuts
+
+
+def test_fast_decode_with_some_stages_exact_beats_estimating_all(kl, monkeypatch):
+    torch.manual_seed(5)
+    z = torch.randn(1, 4, 16, 16)
+    _, parts = _decode_parts()
+    with torch.inference_mode():
+        ref = kl.decode(z)
+        psnr = {}
+        for part in (parts[-1], parts[len(parts) // 2]):
+            monkeypatch.setattr(tiling, "_tile_parts", lambda *a, p=part: [p])
+            out, _ = tiling.tiled_decode(kl, z, "fast", BIG, 64)
+            psnr[part] = _psnr(ref, out, float(ref.max() - ref.min()))
+    assert psnr[parts[len(parts) // 2]] > psnr[parts[-1]] + 3, psnr
 
 
 def test_region_runner_rejects_a_halo_too_small(kl):

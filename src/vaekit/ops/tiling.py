@@ -65,6 +65,9 @@ class TilePlan:
     estimated_peak: int  # bytes, activations only (weights and the input excluded, the output included)
     budget: int
     stats_store: str = "ram"  # fast KL: where the statistics pass keeps its whole activations ("ram" | "disk")
+    # fast KL: the range of stages run tile by tile in one pass with estimated statistics (the rest run exactly);
+    # empty when the whole op fits the exact engine in RAM
+    estimated: tuple[int, int] = (0, 0)
 
     @property
     def tiles(self) -> int:
@@ -283,6 +286,30 @@ def plan_tiles(
     )
 
 
+def _tile_parts(stages: list[Stage], op: str, lo: int, hi: int) -> list[tuple[int, int]]:
+    """Candidate stage ranges for fast mode's single tile pass, the smallest (most stages exact) first.
+
+    The range always touches the high-resolution end of the network (the decoder's output, the encoder's input)
+    and lies within ``[lo, hi)``, the stages above latent resolution; everything outside it runs through the
+    exact staged engine. A range must be self-contained: it reads only its own first input and hands on only its
+    last output (no residual crosses the cut). The empty range means the whole op runs exactly."""
+    last = eng.last_uses(stages)
+
+    def closed(a: int, b: int) -> bool:
+        if a == b:
+            return True
+        made_before = {"in"} | {st.dst for st in stages[:a]}
+        reads = {n for st in stages[a:b] for n in (st.src, st.skip) if n is not None}
+        if reads & made_before != {stages[a].src}:
+            return False
+        made_inside = {st.dst for st in stages[a : b - 1]}
+        return all(last.get(n, -1) < b for n in made_inside)
+
+    if op == "decode":
+        return [(a, hi) for a in range(hi, lo - 1, -1) if closed(a, hi)]
+    return [(lo, b) for b in range(lo, hi + 1) if closed(lo, b)]
+
+
 def _plan_fast(
     stages: list[Stage],
     cfg: KLConfig,
@@ -293,45 +320,66 @@ def _plan_fast(
     budget: int,
     forced: int | None,
 ) -> TilePlan:
+    """Fast KL plan: exact statistics for every stage whose whole activations fit the budget in RAM, estimated
+    statistics (a downscaled pass) for the high-resolution stages that do not, which then run tile by tile in one
+    pass. Preference: the largest statistics pass, then the most stages exact, then the largest tile."""
     f = cfg.downscale
     lo, hi = _split(stages, op, shape, latent[0])
     shapes = eng.store_shapes(stages, tuple(shape))
-    low_stages = _rename_io(stages[hi:] if op == "encode" else stages[:lo])
-    low_in = shapes[stages[hi - 1].dst] if op == "encode" else tuple(shape)
-    low_shapes = eng.store_shapes(low_stages, low_in)
-    hi_stages = _rename_io(stages[lo:hi])
-    hi_in = tuple(shape) if op == "encode" else shapes[stages[lo - 1].dst]
-    unit = f if op == "encode" else 1  # input pixels per latent pixel of the high-resolution part
-    halo = math.ceil(eng.receptive_halo(hi_stages, hi_in[2]) / unit)
     out_bytes = shapes["out"][1] * _area(shapes["out"]) * e
-    held = (hi_in[1] * _area(hi_in) if op == "decode" else shapes[stages[hi - 1].dst][1] * _area(low_in)) * e
-    # statistics pass (it runs alone, beside the whole input of the high-resolution part): the largest size that
-    # fits, its whole activations in RAM or, failing that, in files read by bands of STATS_TILE rows
-    stats = None
+    tiles = [forced] if forced is not None else _candidates(max(latent))
+    parts = _tile_parts(stages, op, lo, hi)
+    widest = parts[-1]
+
+    def grid(t: int) -> tuple[int, int]:
+        return (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+
+    def exact_need(part: list[Stage], in_shape: tuple[int, ...], t: int, disk: bool) -> int:
+        return _exact_need(_rename_io(part), eng.store_shapes(_rename_io(part), in_shape), t, e, latent[0], disk)
+
+    if parts[0][0] == parts[0][1]:  # everything exact in RAM: the staged engine is both exact and the fastest
+        for t in tiles:
+            need = exact_need(stages, tuple(shape), t, False)
+            if need <= budget and (t >= min(MIN_RAM_TILE, max(latent)) or forced is not None):
+                return TilePlan("fast", op, t, t * f, grid(t), 0, "ram", 1.0, need, budget, estimated=(0, 0))
     for s in STATS_SCALES:
-        small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
-        small_shapes = eng.store_shapes(hi_stages, small)
-        for disk, st_tile in ((False, _HUGE), (True, STATS_TILE)):
-            need = held + small[1] * _area(small) * e + _exact_need(hi_stages, small_shapes, st_tile, e, 1, disk, True)
-            if need <= budget:
-                stats = (s, "disk" if disk else "ram", need)
-                break
-        if stats is not None:
-            break
-    if stats is None:
-        raise BadInputError(f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}")
-    s, stats_store, stats_need = stats
-    for t in [forced] if forced is not None else _candidates(max(latent)):
-        th, tw = min(t, latent[0]), min(t, latent[1])
-        region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit, (tw + 2 * halo) * unit)
-        tile_need = _region_need(hi_stages, region, e)
-        hi_need = max(held + out_bytes + tile_need, stats_need)
-        for disk in (False, True):  # the exact latent-size part, with the same tiles, spills when RAM is short
-            need = max(_exact_need(low_stages, low_shapes, t, e, latent[0], disk), hi_need)
-            if need <= budget:
-                grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
-                store = "disk" if disk else "ram"
-                return TilePlan("fast", op, t, t * f, grid, halo, store, s, need, budget, stats_store)
+        for a, b in parts:
+            if a == b:
+                continue
+            part = stages[a:b]
+            hi_stages = _rename_io(part)
+            hi_in = shapes[stages[a - 1].dst] if a > 0 else tuple(shape)
+            hi_out = shapes[part[-1].dst]
+            exact_part = stages[:a] if op == "decode" else stages[b:]
+            unit_in = hi_in[2] // latent[0]
+            halo = math.ceil(eng.receptive_halo(hi_stages, hi_in[2]) / unit_in)
+            held = (hi_in[1] * _area(hi_in) if op == "decode" else hi_out[1] * _area(hi_out)) * e
+            unit = f if op == "encode" else 1
+            small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
+            small_shapes = eng.store_shapes(hi_stages, small)
+            stats_need = None
+            for disk, st_tile in ((False, _HUGE), (True, STATS_TILE)):
+                need = (
+                    held + small[1] * _area(small) * e + _exact_need(hi_stages, small_shapes, st_tile, e, 1, disk, True)
+                )
+                if need <= budget:
+                    stats_need, stats_store = need, "disk" if disk else "ram"
+                    break
+            if stats_need is None:
+                continue
+            exact_in = tuple(shape) if op == "decode" else hi_out
+            stores = ("ram", "disk") if (a, b) == widest else ("ram",)  # only the latent-size part spills
+            for t in tiles:
+                th, tw = min(t, latent[0]), min(t, latent[1])
+                region = (hi_in[0], hi_in[1], (th + 2 * halo) * unit_in, (tw + 2 * halo) * unit_in)
+                tile_need = max(held + out_bytes + _region_need(hi_stages, region, e), stats_need)
+                for store in stores:
+                    ex = exact_need(exact_part, exact_in, t, store == "disk") + (held if op == "encode" else 0)
+                    need = max(ex, tile_need)
+                    if need <= budget:
+                        return TilePlan(
+                            "fast", op, t, t * f, grid(t), halo, store, s, need, budget, stats_store, (a, b)
+                        )
     raise BadInputError(
         f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}"
         + (f" with {forced * f} px tiles" if forced else "")
@@ -600,17 +648,14 @@ def _fast(
 ) -> tuple[torch.Tensor, int]:
     f = cfg.downscale
     latent_h = x.shape[2] // f if op == "encode" else x.shape[2]
-    lo, hi = _split(stages, op, tuple(x.shape), latent_h)
-    hi_stages = stages[lo:hi]
     groups = cfg.norm_groups
 
-    def exact_low(part: list[Stage], inp: torch.Tensor) -> torch.Tensor:
-        part = _rename_io(part)
+    def exact(part: list[Stage], inp: torch.Tensor) -> torch.Tensor:
         res = eng.run_stages(
-            part,
+            _rename_io(part),
             inp,
             plan.tile,
-            scale_of=lambda h: 1,
+            scale_of=lambda h: max(1, h // latent_h),
             groups=groups,
             disk=plan.store == "disk",
             fallback=fallback,
@@ -619,10 +664,13 @@ def _fast(
         notes.extend(res.notes)
         return res.output
 
-    hi_part = _rename_io(hi_stages)
+    a, b = plan.estimated
+    if a == b:  # every stage fits the exact engine in RAM
+        return exact(stages, x), len(stages)
+    hi_part = _rename_io(stages[a:b])
     unit = f if op == "encode" else 1
-    feed = x if op == "encode" else exact_low(stages[:lo], x)
-    # statistics pass on a downscaled copy of the high-resolution part's input
+    feed = x if a == 0 else exact(stages[:a], x)
+    # statistics pass on a downscaled copy of the tile pass's input
     s = plan.stats_scale
     small_size = (_down(feed.shape[2], s, unit), _down(feed.shape[3], s, unit))
     small = F.interpolate(feed.float(), size=small_size, mode=DOWNSCALE_MODE).to(feed.dtype)
@@ -638,23 +686,26 @@ def _fast(
     )
     del small
     notes.extend(f"statistics pass: {n}" for n in est.notes)
+    stats = dict(est.used_stats)
+    if a > 0:  # the feed is whole and exact: its own statistics need no estimate
+        feed_stats = eng.stats_of(feed, groups)
+        stats.update({st.name: feed_stats for st in hi_part if st.norm is not None and st.src == "in"})
 
     params = eng.Params()
 
     def run(region: torch.Tensor, margins: Margins, border: Border) -> torch.Tensor:
-        return run_region(hi_part, region, margins, border, est.used_stats, params)
+        return run_region(hi_part, region, margins, border, stats, params)
 
-    shapes = eng.store_shapes(hi_part, tuple(feed.shape))
-    out_shape = shapes["out"]
+    out_shape = eng.store_shapes(hi_part, tuple(feed.shape))["out"]
     hi_out = torch.empty(out_shape, dtype=feed.dtype, device=feed.device)
-    # pixels per latent pixel on each side of the high-resolution part: the encoder's part ends one downsample
-    # above the latent (its output is 2x the latent size), the decoder's ends at full image size
-    unit_in = f if op == "encode" else 1
+    # pixels per latent pixel on each side of the tile pass (the encoder's part ends above the latent resolution)
+    unit_in = feed.shape[2] // latent_h
     unit_out = out_shape[2] // latent_h
     _single_pass(run, feed, hi_out, plan, unit_in, unit_out, fallback, notes)
+    del feed
     if op == "decode":
         return hi_out, 3
-    return exact_low(stages[hi:], hi_out), 3
+    return exact(stages[b:], hi_out), 3
 
 
 def _rename_io(part: list[Stage]) -> list[Stage]:

@@ -215,10 +215,11 @@ class GroupStats:
         return self.mean, self.m2 / self.count
 
 
-def stats_of(x: torch.Tensor, groups: int) -> Stats:
-    """Statistics of a whole activation in one go (the same formula as per tile)."""
+def stats_of(x: torch.Tensor, groups: int, rows: int = 64) -> Stats:
+    """Statistics of a whole activation, folded in bands of ``rows`` rows (no full-size temporary)."""
     acc = GroupStats(x.shape[0], groups, x.device)
-    acc.add(x)
+    for y in range(0, x.shape[2], rows):
+        acc.add(x[:, :, y : y + rows])
     return acc.result()
 
 
@@ -474,6 +475,8 @@ def run_stages(
     last = last_uses(stages)
     stores: dict[str, Store] = {"in": RamStore(x)}
     stats: dict[str, Stats] = {}
+    if fixed_stats is None and any(st.norm is not None and st.src == "in" for st in stages):
+        stats["in"] = stats_of(x, groups)  # a part that starts with a norm (fast mode's cut)
     used: dict[str, Stats] = {}
     notes: list[str] = []
     shapes = store_shapes(stages, tuple(x.shape))
