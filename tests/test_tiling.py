@@ -179,14 +179,15 @@ def test_fast_decode_with_full_statistics_is_exact_for_any_grid(kl, latent, tile
 
 
 def test_fast_statistics_pass_spilled_to_disk_gives_the_same_result(kl, widest, monkeypatch):
-    """When the statistics pass does not fit in RAM its activations go to files (bands of STATS_TILE rows): the
+    """When the statistics pass does not fit in RAM its activations go to files (bands of stats_tile rows): the
     statistics, and so the image, are those of the in-RAM pass."""
     z = torch.randn(1, 4, 12, 10)
     orig = tiling.plan_tiles
     results = {}
-    monkeypatch.setattr(tiling, "STATS_TILE", 8)
     for store in ("ram", "disk"):
-        monkeypatch.setattr(tiling, "plan_tiles", lambda *a, s=store, **k: _replace(orig(*a, **k), stats_store=s))
+        monkeypatch.setattr(
+            tiling, "plan_tiles", lambda *a, s=store, **k: _replace(orig(*a, **k), stats_store=s, stats_tile=8)
+        )
         with torch.inference_mode():
             results[store], report = tiling.tiled_decode(kl, z, "fast", BIG, 32)
         assert report.plan.stats_store == store and report.tiles > 1

@@ -47,7 +47,8 @@ DOWNSCALE_MODE = "nearest"
 # Fast KL: sizes of the statistics pass relative to the full input, largest first; the plan takes the largest that
 # fits half the budget. Measured on random sd1 weights (docs/tiling.md): 0.5 -> 36-38 dB, 0.75 -> 42 dB.
 STATS_SCALES = (0.75, 0.5, 0.25, 0.125, 0.0625, 0.03125)
-STATS_TILE = 64  # rows per band (and tile side) of the statistics pass when its activations spill to files
+# rows per band (and tile side) of the statistics pass when its activations spill to files: the largest that fits
+STATS_TILES = (512, 256, 128, 64)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TilePlan:
     estimated_peak: int  # bytes, activations only (weights and the input excluded, the output included)
     budget: int
     stats_store: str = "ram"  # fast KL: where the statistics pass keeps its whole activations ("ram" | "disk")
+    stats_tile: int = STATS_TILES[-1]  # fast KL, statistics pass in files: rows per band and tile side
     # fast KL: the range of stages run tile by tile in one pass with estimated statistics (the rest run exactly);
     # empty when the whole op fits the exact engine in RAM
     estimated: tuple[int, int] = (0, 0)
@@ -358,12 +360,12 @@ def _plan_fast(
             small = (hi_in[0], hi_in[1], _down(hi_in[2], s, unit), _down(hi_in[3], s, unit))
             small_shapes = eng.store_shapes(hi_stages, small)
             stats_need = None
-            for disk, st_tile in ((False, _HUGE), (True, STATS_TILE)):
+            for disk, st_tile in ((False, _HUGE), *((True, t) for t in STATS_TILES)):
                 need = (
                     held + small[1] * _area(small) * e + _exact_need(hi_stages, small_shapes, st_tile, e, 1, disk, True)
                 )
                 if need <= budget:
-                    stats_need, stats_store = need, "disk" if disk else "ram"
+                    stats_need, stats_store, stats_tile = need, "disk" if disk else "ram", min(st_tile, STATS_TILES[0])
                     break
             if stats_need is None:
                 continue
@@ -378,7 +380,7 @@ def _plan_fast(
                     need = max(ex, tile_need)
                     if need <= budget:
                         return TilePlan(
-                            "fast", op, t, t * f, grid(t), halo, store, s, need, budget, stats_store, (a, b)
+                            "fast", op, t, t * f, grid(t), halo, store, s, need, budget, stats_store, stats_tile, (a, b)
                         )
     raise BadInputError(
         f"max_memory {_fmt(budget)} is too small for fast tiled {op} of {_shape_str(shape)}"
@@ -678,7 +680,7 @@ def _fast(
     est = eng.run_stages(
         hi_part,
         small,
-        STATS_TILE if disk else _HUGE,
+        plan.stats_tile if disk else _HUGE,
         scale_of=lambda h: 1,
         groups=groups,
         disk=disk,
