@@ -5,11 +5,13 @@ each GroupNorm uses statistics gathered over the whole image from all tiles, eac
 from the whole input activation, and the mid-block attention attends over the whole latent with the queries cut
 into tiles and chunks. Whole activations live in RAM when the budget allows, else in temporary files.
 
-KL autoencoder, fast: the latent-resolution part (decoder conv_in, mid block, lowest level; encoder lowest level,
-mid block, conv_out) runs exactly as above - it is small. The high-resolution part runs once per tile with a halo
-covering its whole receptive field and GroupNorm statistics estimated on a downscaled copy of its input (the idea
-of the A1111 "Tiled VAE" extension): tiles agree exactly with each other, there are no seams to blend, and the only
-error left is that of the estimated statistics.
+KL autoencoder, fast: the stage list is cut in two. Below the cut everything runs exactly as above, in RAM: always
+the latent-resolution part (decoder conv_in, mid block, lowest level; encoder lowest level, mid block, conv_out),
+and as many further stages as the budget holds (all of them when it holds everything: fast is then exact). Above
+the cut, at the high-resolution end, the stages run once per tile with a halo covering their receptive field and
+GroupNorm statistics estimated on a downscaled copy of the cut's input (the idea of the A1111 "Tiled VAE"
+extension): tiles agree exactly with each other, there are no seams to blend, and the only error left is that of
+the estimated statistics.
 
 Tiny autoencoder (no GroupNorm): each tile runs with a halo covering the receptive field, aligned to the downscale
 factor; both modes are exact.
@@ -45,7 +47,7 @@ MIN_RAM_TILE = 8
 _HUGE = 1 << 30
 DOWNSCALE_MODE = "nearest"
 # Fast KL: sizes of the statistics pass relative to the full input, largest first; the plan takes the largest that
-# fits half the budget. Measured on random sd1 weights (docs/tiling.md): 0.5 -> 36-38 dB, 0.75 -> 42 dB.
+# fits the budget. Measured on random sd1 weights (docs/tiling.md): 0.5 -> 36-38 dB, 0.75 -> 42-45 dB.
 STATS_SCALES = (0.75, 0.5, 0.25, 0.125, 0.0625, 0.03125)
 # rows per band (and tile side) of the statistics pass when its activations spill to files: the largest that fits
 STATS_TILES = (512, 256, 128, 64)
