@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,6 +278,22 @@ def test_fast_decode_with_some_stages_exact_beats_estimating_all(kl, monkeypatch
             out, _ = tiling.tiled_decode(kl, z, "fast", BIG, 64)
             psnr[part] = _psnr(ref, out, float(ref.max() - ref.min()))
     assert psnr[parts[len(parts) // 2]] > psnr[parts[-1]] + 3, psnr
+
+
+def test_spill_folders_of_dead_processes_are_removed(tmp_path, monkeypatch):
+    """A run killed before cleaning up leaves its files; the next run that spills removes them, and only them."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = tmp_path / f"{eng.SPILL_PREFIX}{int(gone.stdout)}-abc"
+    live = tmp_path / f"{eng.SPILL_PREFIX}{os.getpid()}-def"
+    other = tmp_path / "vaekit-tiles-notapid-x"
+    for d in (dead, live, other):
+        d.mkdir()
+        (d / "tile.bin").write_bytes(b"x" * 100)
+    monkeypatch.setattr(eng.tempfile, "tempdir", str(tmp_path))
+    with eng.spill_folder() as folder:
+        assert Path(folder).name.startswith(f"{eng.SPILL_PREFIX}{os.getpid()}-")
+        assert not dead.exists() and live.exists() and other.exists()
+    assert not Path(folder).exists()
 
 
 def test_region_runner_rejects_a_halo_too_small(kl):

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -452,6 +454,41 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
+SPILL_PREFIX = "vaekit-tiles-"
+
+
+def spill_folder() -> tempfile.TemporaryDirectory:
+    """A temporary folder for spilled activations, named after this process. Folders left by processes that no
+    longer exist (a run killed before it could clean up: up to several GB each) are removed first."""
+    remove_orphan_folders()
+    return tempfile.TemporaryDirectory(prefix=f"{SPILL_PREFIX}{os.getpid()}-")
+
+
+def remove_orphan_folders(root: str | None = None) -> list[Path]:
+    """Delete this user's spill folders whose process is gone; returns what was removed."""
+    removed = []
+    for d in Path(root or tempfile.gettempdir()).glob(f"{SPILL_PREFIX}*-*"):
+        pid = d.name[len(SPILL_PREFIX) :].split("-")[0]
+        try:
+            mine = d.is_dir() and d.stat().st_uid == os.getuid()
+        except OSError:
+            continue
+        if mine and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but is not ours to signal
+        return True
+    return True
+
+
 def run_stages(
     stages: list[Stage],
     x: torch.Tensor,
@@ -480,7 +517,7 @@ def run_stages(
     used: dict[str, Stats] = {}
     notes: list[str] = []
     shapes = store_shapes(stages, tuple(x.shape))
-    folder = tempfile.TemporaryDirectory(prefix="vaekit-tiles-") if disk else None
+    folder = spill_folder() if disk else None
     try:
         for k, st in enumerate(stages):
             src = stores[st.src]
