@@ -252,6 +252,24 @@ def test_fast_decode_cut_above_latent_resolution_is_exact_with_full_statistics(k
     assert float((ref - out).abs().max()) < 1e-4
 
 
+def test_fast_encode_cut_below_full_resolution_is_exact_with_full_statistics(kl, image, monkeypatch):
+    """Encode: one tile pass over the first stages only, then the exact engine from a store above latent size."""
+    stages = eng.encoder_stages(tiling._meta_model(small_config("sd1")))
+    lo, hi = tiling._split(stages, "encode", tuple(image.shape), image.shape[2] // 8)
+    parts = tiling._tile_parts(stages, "encode", lo, hi)
+    assert parts[0] == (0, 0) and parts[-1] == (lo, hi) and len(parts) > 3
+    part = parts[len(parts) // 2]
+    monkeypatch.setattr(tiling, "_tile_parts", lambda *a: [part])
+    orig = tiling.plan_tiles
+    monkeypatch.setattr(tiling, "plan_tiles", lambda *a, **k: _replace(orig(*a, **k), stats_scale=1.0))
+    with torch.inference_mode():
+        (mean, logvar), report = tiling.tiled_encode(kl, image, "fast", BIG, 16)
+        ref_mean, ref_logvar = kl.encode(image)
+    assert report.plan.estimated == part and report.tiles > 1
+    assert float((ref_mean - mean).abs().max()) < 1e-4
+    assert float((ref_logvar - logvar).abs().max()) < 1e-4
+
+
 def test_fast_plan_keeps_stages_exact_as_the_budget_allows():
     """Shrinking the budget moves the cut towards the output: fewer exact stages, never over the budget."""
     cfg = small_config("sd1")
