@@ -175,14 +175,10 @@ def _child(args: argparse.Namespace, dtype: torch.dtype) -> None:
 def _high_water() -> int:
     """This process's peak resident bytes. ``VmHWM`` belongs to the process's own memory map; Linux's ``ru_maxrss``
     also keeps the parent's resident size at the fork, which after part 1 (GBs in the parent) hid every case."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    from vaekit.ops.device import proc_bytes
+
+    peak = proc_bytes("/proc/self/status", "VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def part2(args: argparse.Namespace) -> None:

@@ -49,14 +49,23 @@ def choose_device(override: torch.device | str | None = None) -> torch.device:
     return dev
 
 
-def _cpu_available_bytes() -> int:
+def proc_bytes(path: str, field: str) -> int | None:
+    """A ``kB`` field of a Linux /proc file (``MemAvailable`` of /proc/meminfo, ``VmHWM`` of /proc/self/status) in
+    bytes, or None where the file or the field is missing."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(path, encoding="ascii") as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
+    return None
+
+
+def _cpu_available_bytes() -> int:
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
+    if available is not None:
+        return available
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -104,14 +113,7 @@ def _reset_rss_peak() -> bool:
 
 def _rss_peak_bytes() -> int | None:
     """The kernel's resident-size high-water mark (``VmHWM``) in bytes, or None where /proc has none."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 class PeakMemory:
