@@ -274,20 +274,37 @@ def plan_tiles(
     if mode == "fast":
         return _plan_fast(stages, cfg, op, shape, latent, e, max_memory, forced)
     shapes = eng.store_shapes(stages, tuple(shape))
-    side = max(latent)
     for disk in (False, True):
-        tiles = [forced] if forced is not None else _candidates(side)
-        for t in tiles:
-            need = _exact_need(stages, shapes, t, e, latent[0], disk)
-            if need <= max_memory and (disk or t >= min(MIN_RAM_TILE, side) or forced is not None):
-                grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
-                return TilePlan("exact", op, t, t * f, grid, 0, "disk" if disk else "ram", 1.0, need, max_memory)
+        found = _exact_tile(stages, shapes, latent, e, max_memory, forced, disk)
+        if found is not None:
+            t, need = found
+            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+            return TilePlan("exact", op, t, t * f, grid, 0, "disk" if disk else "ram", 1.0, need, max_memory)
     smallest = _exact_need(stages, shapes, forced or 1, e, latent[0], True)
     what = f"a {forced * f} px tile" if forced else "the smallest tile"
     raise BadInputError(
         f"max_memory {_fmt(max_memory)} is too small for exact tiled {op} of {_shape_str(shape)}: "
         f"{what} needs about {_fmt(smallest)}"
     )
+
+
+def _exact_tile(
+    stages: list[Stage],
+    shapes: dict[str, tuple[int, ...]],
+    latent: tuple[int, int],
+    e: int,
+    budget: int,
+    forced: int | None,
+    disk: bool,
+) -> tuple[int, int] | None:
+    """The largest latent tile side (and its estimated peak) for the exact engine within ``budget``, or None. RAM
+    stores are used only with tiles of at least MIN_RAM_TILE (unless the tile is forced): below that, files win."""
+    side = max(latent)
+    for t in [forced] if forced is not None else _candidates(side):
+        need = _exact_need(stages, shapes, t, e, latent[0], disk)
+        if need <= budget and (disk or t >= min(MIN_RAM_TILE, side) or forced is not None):
+            return t, need
+    return None
 
 
 def _tile_parts(stages: list[Stage], op: str, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -342,10 +359,10 @@ def _plan_fast(
         return _exact_need(_rename_io(part), eng.store_shapes(_rename_io(part), in_shape), t, e, latent[0], disk)
 
     if parts[0][0] == parts[0][1]:  # everything exact in RAM: the staged engine is both exact and the fastest
-        for t in tiles:
-            need = exact_need(stages, tuple(shape), t, False)
-            if need <= budget and (t >= min(MIN_RAM_TILE, max(latent)) or forced is not None):
-                return TilePlan("fast", op, t, t * f, grid(t), 0, "ram", 1.0, need, budget, estimated=(0, 0))
+        found = _exact_tile(stages, shapes, latent, e, budget, forced, disk=False)
+        if found is not None:
+            t, need = found
+            return TilePlan("fast", op, t, t * f, grid(t), 0, "ram", 1.0, need, budget, estimated=(0, 0))
     for s in STATS_SCALES:
         for a, b in parts:
             if a == b:
