@@ -1,9 +1,16 @@
 """vaekit: load, inspect, encode, decode, compare and train the VAEs of latent diffusion models."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from vaekit.errors import BadInputError, LoadError, UnsafeFileError, VaekitError
-from vaekit.inspection import Inspection, inspect
-from vaekit.models.config import PRESETS, KLConfig, TinyConfig, preset
-from vaekit.vae import VAE, load_vae, save_vae
+
+if TYPE_CHECKING:
+    from vaekit.eval.compare import Comparison, compare
+    from vaekit.inspection import Inspection, inspect
+    from vaekit.models.config import PRESETS, KLConfig, TinyConfig, preset
+    from vaekit.vae import VAE, load_vae, save_vae
 
 __version__ = "0.1.0"
 
@@ -25,8 +32,20 @@ __all__ = [
     "save_vae",
 ]
 
-# Heavy parts of the API (metrics libraries, plotting) load on first use, keeping `import vaekit` fast.
-_LAZY = {"compare": "vaekit.eval.compare", "Comparison": "vaekit.eval.compare"}
+# The public API loads on first use: `import vaekit` (and so `vaekit --help`) does not import PyTorch.
+_LAZY = {
+    "compare": "vaekit.eval.compare",
+    "Comparison": "vaekit.eval.compare",
+    "inspect": "vaekit.inspection",
+    "Inspection": "vaekit.inspection",
+    "PRESETS": "vaekit.models.config",
+    "KLConfig": "vaekit.models.config",
+    "TinyConfig": "vaekit.models.config",
+    "preset": "vaekit.models.config",
+    "VAE": "vaekit.vae",
+    "load_vae": "vaekit.vae",
+    "save_vae": "vaekit.vae",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -34,5 +53,12 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API, loaded or not."""
+    return sorted(set(globals()) | set(__all__))

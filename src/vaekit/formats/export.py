@@ -12,7 +12,7 @@ import torch
 from vaekit.errors import BadInputError
 from vaekit.formats.convert import ldm_to_diffusers
 from vaekit.formats.detect import METADATA_CONFIG_KEY
-from vaekit.formats.io import write_json, write_safetensors
+from vaekit.formats.io import atomic_dir, write_json, write_safetensors
 from vaekit.models.config import VAEConfig
 
 
@@ -79,9 +79,10 @@ def write_vae(
     if layout == "ldm":
         write_safetensors(state_dict, dest, meta)
     elif layout == "diffusers":
-        dest.mkdir(parents=True, exist_ok=True)
-        write_safetensors(ldm_to_diffusers(state_dict, cfg.kind), dest / "diffusion_pytorch_model.safetensors", meta)
-        write_json(diffusers_config(cfg), dest / "config.json")
+        # Built in a temporary folder and renamed: a failure leaves no partial folder to trip the next run.
+        with atomic_dir(dest, overwrite=overwrite) as tmp:
+            write_safetensors(ldm_to_diffusers(state_dict, cfg.kind), tmp / "diffusion_pytorch_model.safetensors", meta)
+            write_json(diffusers_config(cfg), tmp / "config.json")
     else:
         raise BadInputError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
     return dest
