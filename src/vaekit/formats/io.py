@@ -278,6 +278,15 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, dict[str, Any]], dict
             raise LoadError(f"{where}: its byte range does not match its shape)")
         if end > data:
             raise LoadError(f"{where} lies past the end of the file: truncated?)")
+    # As safetensors itself requires: the tensors tile the data buffer exactly, with no gap or overlap.
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1]) for info in header.values())
+    at = 0
+    for begin, end in spans:
+        if begin != at:
+            raise LoadError(f"{bad} (tensors overlap or leave gaps in the data)")
+        at = end
+    if at != data:
+        raise LoadError(f"{bad} (the data is {data} bytes but its tensors take {at}: truncated or padded?)")
     return header, metadata, start
 
 
@@ -352,8 +361,17 @@ def atomic_path(dest: str | os.PathLike[str]) -> Iterator[Path]:
         # mkstemp creates 0600 files; give the result the permissions a plain open() would (or the old file's).
         os.chmod(tmp_path, dest.stat().st_mode & 0o777 if dest.exists() else 0o666 & ~_umask())
         os.replace(tmp_path, dest)
+    except OSError as e:
+        _name_destination(e, tmp_path, dest)
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _name_destination(e: OSError, tmp: Path, dest: Path) -> None:
+    """An error about the temporary file (or anything inside a temporary folder) names the destination."""
+    if e.filename and (str(e.filename) == str(tmp) or str(e.filename).startswith(str(tmp) + os.sep)):
+        e.filename = str(dest)
 
 
 @contextmanager
@@ -370,7 +388,11 @@ def atomic_dir(dest: str | os.PathLike[str], overwrite: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     old: Path | None = None
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as e:
+            _name_destination(e, tmp, dest)
+            raise
         os.chmod(tmp, 0o777 & ~_umask())
         if dest.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))

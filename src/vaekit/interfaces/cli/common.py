@@ -197,7 +197,11 @@ def load_selected_vae(
     is printed on stderr so nobody wonders which VAE ran. An uncertain family is said, with the flag to fix it.
     """
     resolved = resolve_selected_vae(vae_opt, checkpoint)
-    model = load_vae(resolved.source, device=parse_device(device or "auto"), dtype=dtype, family=parse_family(family))
+    try:
+        dev, fam = parse_device(device or "auto"), parse_family(family)
+        model = load_vae(resolved.source, device=dev, dtype=dtype, family=fam)
+    except ValueError as e:  # a --family whose channel count does not fit this VAE
+        raise BadInputError(f"--family {family}: {reason(e)}") from None
     if not model.origin.family_certain and family is None and model.origin.family_note:
         warn(cli_words(model.origin.family_note))
     return model
