@@ -47,7 +47,6 @@ def diffusers_config(cfg: VAEConfig) -> dict[str, Any]:
             "batch_norm_eps": cfg.batchnorm_eps,  # type: ignore[union-attr]
             "batch_norm_momentum": 0.1,
             "patch_size": [2, 2],
-            "force_upcast": True,
         }
     return {
         **_kl_common(cfg, n),
