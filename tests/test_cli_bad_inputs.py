@@ -442,7 +442,7 @@ def test_interrupted_run_says_how_far_and_skip_existing_finishes_it(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from vaekit.ops import pipeline
+    from vaekit.ops import codec as pipeline
 
     env = make_env(tmp_path)
     images = [write_image(tmp_path / "imgs" / f"i{k}.png", 16, 16, seed=k) for k in range(3)]
@@ -622,7 +622,7 @@ def test_latent_readers_only_raise_bad_input(
     meta: dict[str, str], key: str, shape: list[int], version_marker: bool, tmp_path: Path
 ) -> None:
     from vaekit.formats.comfy_latent import read_comfy_latent
-    from vaekit.ops.codec import load_latents
+    from vaekit.formats.latent_file import load_latents
 
     tensors = {key: torch.zeros(shape)}
     if version_marker:

@@ -277,7 +277,7 @@ def test_family_flag_on_codec_commands_and_its_message(
         capsys, env, "encode", str(img), "-o", str(tmp_path / "l2"), "--vae", str(bare), "--family", "sdxl"
     )
     assert code == 0 and "uncertain" not in err and "assumed" not in err
-    from vaekit.ops.codec import load_latents
+    from vaekit.formats.latent_file import load_latents
 
     assert load_latents(tmp_path / "l2" / "a.safetensors").family == "sdxl"
     for command in ("decode", "roundtrip"):
@@ -352,7 +352,7 @@ def test_comfyui_latent_files_both_ways(
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from vaekit.ops.codec import load_latents
+    from vaekit.formats.latent_file import load_latents
     from vaekit.vae import load_vae
 
     vae = write_vae(tmp_path / "v.safetensors")
@@ -368,7 +368,7 @@ def test_comfyui_latent_files_both_ways(
         assert set(f.keys()) == {"latent_tensor", "latent_format_version_0"}
         raw = f.get_tensor("latent_tensor")
         assert json.loads(f.metadata()["vaekit"])["vae_name"] == "v.safetensors"
-    torch.testing.assert_close(raw, model.unscale(ours))  # ComfyUI stores the raw, unscaled latents
+    torch.testing.assert_close(raw, model.denormalise(ours))  # ComfyUI stores the raw, unscaled latents
     # A file as ComfyUI's SaveLatent writes it (no vaekit notes) decodes at the latent's size.
     bare = tmp_path / "in" / "ComfyUI_00001_.latent"
     bare.parent.mkdir()

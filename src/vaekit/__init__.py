@@ -8,13 +8,15 @@ from vaekit.errors import BadInputError, LoadError, UnsafeFileError, VaekitError
 
 if TYPE_CHECKING:
     from vaekit.eval.compare import Comparison, compare
+    from vaekit.families import FAMILIES, PRESETS, preset
     from vaekit.inspection import Inspection, inspect
-    from vaekit.models.config import PRESETS, KLConfig, TinyConfig, preset
+    from vaekit.models.config import KLConfig, TinyConfig
     from vaekit.vae import VAE, load_vae, save_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "VAE",
     "BadInputError",
@@ -38,10 +40,11 @@ _LAZY = {
     "Comparison": "vaekit.eval.compare",
     "inspect": "vaekit.inspection",
     "Inspection": "vaekit.inspection",
-    "PRESETS": "vaekit.models.config",
+    "FAMILIES": "vaekit.families",
+    "PRESETS": "vaekit.families",
     "KLConfig": "vaekit.models.config",
     "TinyConfig": "vaekit.models.config",
-    "preset": "vaekit.models.config",
+    "preset": "vaekit.families",
     "VAE": "vaekit.vae",
     "load_vae": "vaekit.vae",
     "save_vae": "vaekit.vae",

@@ -23,7 +23,8 @@ from rich.table import Table
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.formats import comfy_latent
 from vaekit.formats.image_meta import EXTRA_BITS, EXTRA_MODE, a1111_parameters
-from vaekit.formats.io import tensors_sha256
+from vaekit.formats.io import read_safetensors_header, tensors_sha256
+from vaekit.formats.latent_file import LatentFile, load_latents, save_latents, short_hash, vae_sha256
 from vaekit.interfaces.cli import core as cli
 from vaekit.interfaces.cli.common import (
     DeviceOption,
@@ -48,8 +49,7 @@ from vaekit.interfaces.cli.common import (
 )
 from vaekit.interfaces.cli.core import app
 from vaekit.interfaces.cli.output import emit_json
-from vaekit.ops import pipeline
-from vaekit.ops.codec import LatentFile, load_latents, save_latents, short_hash, vae_sha256
+from vaekit.ops import codec as pipeline
 from vaekit.ops.images import LoadedImage, read_image, save_image
 from vaekit.vae import VAE
 
@@ -254,7 +254,7 @@ def _encode_one(
         }
         if img.alpha is not None:
             warn(f"{path.name}: ComfyUI's latent files have no place for the alpha channel; it is not kept")
-        comfy_latent.write_comfy_latent(dest, model.unscale(latents.float()), vaekit_info=info)
+        comfy_latent.write_comfy_latent(dest, model.denormalise(latents.float()), vaekit_info=info)
     else:
         save_latents(
             dest,
@@ -337,6 +337,7 @@ class _Latents:
 
 def _read_latents(path: Path) -> _Latents:
     """Read and check one latent file (vaekit's or ComfyUI's); the error names the file."""
+    read_safetensors_header(path)  # a damaged or hostile header is refused before any reader opens the file
     if comfy_latent.is_comfy_latent(path):
         c = comfy_latent.read_comfy_latent(path)
         info = c.vaekit_info
@@ -368,10 +369,10 @@ def _check_decodable(item: _Latents, model: VAE) -> None:
         item.vaekit.check_vae(model)
         return
     assert item.raw is not None
-    if item.raw.shape[1] != model.latent_channels:
+    if item.raw.shape[1] != model.raw_channels:
         raise BadInputError(
-            f"{item.path}: latents have {item.raw.shape[1]} channels, the {model.family} VAE takes "
-            f"{model.latent_channels}"
+            f"{item.path}: raw latents have {item.raw.shape[1]} channels, the {model.family} VAE makes "
+            f"{model.raw_channels}"
         )
 
 
@@ -459,7 +460,7 @@ def _decode_file(
     model: VAE, item: _Latents, jobs: list[tuple[int, Path]], options: pipeline.CodecOptions, progress: Progress
 ) -> list[dict[str, Any]]:
     t0 = time.perf_counter()
-    latents = item.latents if item.latents is not None else model.scale(item.raw)  # type: ignore[arg-type]
+    latents = item.latents if item.latents is not None else model.normalise(item.raw)  # type: ignore[arg-type]
     wanted = [j for j, _ in jobs]
     ds = model.downscale
     sizes = item.sizes or [(int(latents.shape[3]) * ds, int(latents.shape[2]) * ds)] * item.count

@@ -90,10 +90,10 @@ def parse_family(name: str | None) -> str | None:
     """Check ``--family`` against the known families (None stays None)."""
     if name is None:
         return None
-    from vaekit.models.config import FAMILY_FACTORS
+    from vaekit.families import FAMILIES
 
-    if name not in FAMILY_FACTORS:
-        raise BadInputError(f"--family {name!r}: use one of {', '.join(FAMILY_FACTORS)}")
+    if name not in FAMILIES:
+        raise BadInputError(f"--family {name!r}: use one of {', '.join(FAMILIES)}")
     return name
 
 
@@ -200,7 +200,7 @@ def load_selected_vae(
     try:
         dev, fam = parse_device(device or "auto"), parse_family(family)
         model = load_vae(resolved.source, device=dev, dtype=dtype, family=fam)
-    except ValueError as e:  # a --family whose channel count does not fit this VAE
+    except (ValueError, KeyError) as e:  # a --family whose channel count does not fit this VAE
         raise BadInputError(f"--family {family}: {reason(e)}") from None
     if not model.origin.family_certain and family is None and model.origin.family_note:
         warn(cli_words(model.origin.family_note))
