@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from enum import IntEnum
 
 
@@ -38,14 +37,16 @@ class UnsafeFileError(LoadError):
     """
 
 
-_ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+_ANSI = r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b[@-_]"  # compiled on first use: `re` is not imported at start-up
+_CONTROL = r"[\x00-\x1f\x7f]+"
 
 
 def one_line(text: str, limit: int | None = None) -> str:
     """``text`` as one clean line: ANSI colour codes and control characters gone, whitespace runs collapsed,
     optionally cut at ``limit`` characters on a word boundary (marked with an ellipsis)."""
-    text = _CONTROL.sub(" ", _ANSI.sub("", text))
+    import re
+
+    text = re.sub(_CONTROL, " ", re.sub(_ANSI, "", text))
     text = " ".join(text.split())
     if limit is not None and len(text) > limit:
         cut = text[:limit].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit]
@@ -55,5 +56,7 @@ def one_line(text: str, limit: int | None = None) -> str:
 
 def reason(e: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type name when empty), cleaned by :func:`one_line`."""
-    lines = [line for line in _ANSI.sub("", str(e)).strip().splitlines() if line.strip()]
+    import re
+
+    lines = [line for line in re.sub(_ANSI, "", str(e)).strip().splitlines() if line.strip()]
     return one_line(lines[0] if lines else type(e).__name__, limit)

@@ -8,16 +8,18 @@ when that command runs or shows its own help. A test checks this table against t
 from __future__ import annotations
 
 import importlib
-from typing import NamedTuple
 
 _PKG = "vaekit.interfaces.cli."
 
 
-class CommandEntry(NamedTuple):
-    """Where a command lives and what ``vaekit --help`` says about it."""
+class CommandEntry:
+    """Where a command lives and what ``vaekit --help`` says about it (no NamedTuple: typing costs start-up)."""
 
-    module: str
-    help: str
+    __slots__ = ("help", "module")
+
+    def __init__(self, module: str, help: str) -> None:
+        self.module = module
+        self.help = help
 
 
 COMMANDS: dict[str, CommandEntry] = {
@@ -44,6 +46,29 @@ COMMANDS: dict[str, CommandEntry] = {
     "train": CommandEntry(_PKG + "train_cmd", "Train a VAE from scratch or fine-tune one."),
     "calibrate": CommandEntry(_PKG + "train_cmd", "Estimate a VAE's latent scaling and shift over images."),
 }
+
+
+ROOT_HELP = "Load, inspect, encode, decode, compare and train the VAEs of latent diffusion models."
+
+
+def root_help() -> str:
+    """The text of ``vaekit --help`` (made from the table above, without importing Typer or any command)."""
+    width = max(len(name) for name in COMMANDS) + 2
+    lines = [
+        "Usage: vaekit [OPTIONS] COMMAND [ARGS]...",
+        "",
+        f"  {ROOT_HELP}",
+        "",
+        "Options:",
+        f"  {'--version':{width}}Print vaekit's version and exit.",
+        f"  {'--help':{width}}Show this message and exit.",
+        "",
+        "Commands:",
+        *(f"  {name:{width}}{entry.help}" for name, entry in COMMANDS.items()),
+        "",
+        "  Run `vaekit COMMAND --help` for a command's options. Docs: docs/cli.md",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def load(name: str) -> None:

@@ -25,7 +25,7 @@ from vaekit.errors import ExitCode, VaekitError, one_line, reason
 if TYPE_CHECKING:
     from rich.console import Console
 
-_HELP = "Load, inspect, encode, decode, compare and train the VAEs of latent diffusion models."
+from vaekit.interfaces.cli.commands import ROOT_HELP as _HELP
 
 
 class _LazyGroup(TyperGroup):
@@ -45,20 +45,10 @@ class _LazyGroup(TyperGroup):
         return self.commands.get(cmd_name)
 
     def format_help(self, ctx: Any, formatter: Any) -> None:
-        # Plain help (Typer's Rich panels would import Rich and every command module just to print this page).
-        from vaekit.interfaces.cli.commands import COMMANDS
+        # The same page the console script prints before importing Typer (see vaekit.interfaces.cli.run).
+        from vaekit.interfaces.cli.commands import root_help
 
-        self.format_usage(ctx, formatter)
-        formatter.write_paragraph()
-        formatter.write_text(_HELP)
-        with formatter.section("Options"):
-            formatter.write_dl(
-                [("--version", "Print vaekit's version and exit."), ("--help", "Show this message and exit.")]
-            )
-        with formatter.section("Commands"):
-            formatter.write_dl([(name, entry.help) for name, entry in COMMANDS.items()])
-        formatter.write_paragraph()
-        formatter.write_text("Run `vaekit COMMAND --help` for a command's options. Docs: docs/cli.md")
+        formatter.write(root_help())
 
 
 app = typer.Typer(
