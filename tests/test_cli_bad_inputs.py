@@ -367,7 +367,7 @@ WRITERS = (
 )
 
 
-@pytest.mark.parametrize("budget", [0, 700])
+@pytest.mark.parametrize("budget", [0, 200])
 @pytest.mark.parametrize("command", WRITERS)
 def test_full_disk_is_one_line_exit_1_and_nothing_half_written(
     command: str,

@@ -70,6 +70,8 @@ def read_pickle(path: Path) -> dict[str, Any]:
         raise _pickle_refusal(path, e) from None
     except (RuntimeError, EOFError, ValueError, OSError, AttributeError, TypeError, KeyError, IndexError) as e:
         raise LoadError(f"{path}: not a readable PyTorch file ({reason(e)})") from None
+    except (OverflowError, MemoryError, RecursionError, struct.error) as e:
+        raise LoadError(f"{path}: not a readable PyTorch file (damaged: {type(e).__name__})") from None
     if not isinstance(obj, dict):
         raise LoadError(f"{path}: holds a {type(obj).__name__}, not a dictionary of tensors")
     return obj
@@ -116,6 +118,8 @@ def pickle_globals(path: Path, limit: int = 64 << 20) -> tuple[list[str], bool]:
                 _scan_pickle(f, names)
         return names, True
     except (ValueError, EOFError, zipfile.BadZipFile, OSError, KeyError, IndexError, TypeError, struct.error):
+        return names, False
+    except (OverflowError, MemoryError):  # a length field of a damaged pickle asking for an absurd read
         return names, False
 
 

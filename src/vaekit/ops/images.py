@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +55,15 @@ def load_image(path: PathLike) -> LoadedImage:
         raise BadInputError(f"{path}: no such file") from None
     except Image.DecompressionBombError:
         raise BadInputError(f"{path}: refused: more than {MAX_PIXELS} pixels (decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadInputError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise BadInputError(f"{path}: not a readable image ({_first_line(e)})") from None
+    except (zlib.error, struct.error, MemoryError, OverflowError) as e:  # damaged compressed data or sizes
+        raise BadInputError(f"{path}: not a readable image (damaged: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:120]
 
 
 def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
@@ -106,10 +115,13 @@ def _png16(path: Path) -> LoadedImage:
             raise BadInputError(f"{path}: zero-size image")
         planes = int(info["planes"])
         arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
-    except (png.Error, OSError, ValueError, EOFError) as e:
-        raise BadInputError(f"{path}: not a readable PNG ({str(e).splitlines()[0][:120]})") from None
-    with Image.open(path) as im:  # Pillow reads the EXIF orientation without decoding pixels
-        orientation = im.getexif().get(0x0112, 1)
+    except (png.Error, OSError, ValueError, EOFError, zlib.error, struct.error, MemoryError, IndexError) as e:
+        raise BadInputError(f"{path}: not a readable PNG ({_first_line(e)})") from None
+    try:
+        with Image.open(path) as im:  # Pillow reads the EXIF orientation without decoding pixels
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, struct.error, zlib.error):
+        orientation = 1  # pixels pypng could read, EXIF Pillow could not: shown as stored
     arr = _ORIENT.get(int(orientation), lambda a: a)(arr)
     scaled = arr.astype(np.float32) / float((1 << int(info["bitdepth"])) - 1)
     colour = scaled[..., : planes - 1] if info["alpha"] else scaled

@@ -19,6 +19,7 @@ from vaekit.interfaces.cli.common import (
     JsonOption,
     OverwriteOption,
     VaeOption,
+    announce_vae,
     check_output,
     note,
     parse_dtype,
@@ -123,16 +124,16 @@ def bake_command(
     if dest.suffix.lower() not in (".safetensors", ".sft"):
         raise BadInputError(f"{dest}: baked checkpoints are written as .safetensors; name the output *.safetensors")
     check_output(dest)
-    resolved = resolve_selected_vae(vae, checkpoint)
+    resolved = resolve_selected_vae(vae, checkpoint, announce=False)
     if resolved.path is None:
         raise BadInputError(f"{resolved.preset!r} is a preset with random weights; bake a VAE file")
-    if not force:
-        check_family_match(
-            vae_family(resolved.path), checkpoint_family(checkpoint), resolved.path.name, checkpoint.name
-        )
+    ckpt_family = checkpoint_family(checkpoint)  # both files are checked before anything is said or written
     src = open_source(resolved.path)
+    if not force:
+        check_family_match(vae_family(resolved.path), ckpt_family, resolved.path.name, checkpoint.name)
     if set(src.detection.parts) != {"encoder", "decoder"}:
         raise BadInputError(f"{resolved.path}: holds only the {src.detection.parts[0]}; bake a whole VAE")
+    announce_vae(resolved)
     with writing(dest):
         report = bake_vae(checkpoint, src.state_dict(), src.detection.config.kind, dest)
     for message in report.notes:

@@ -179,11 +179,23 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 # --- VAE selection -----------------------------------------------------------------------------------------------
 
 
-def resolve_selected_vae(vae_opt: str | None, checkpoint: str | os.PathLike[str] | None = None) -> ResolvedVAE:
-    """Resolve ``--vae`` (or the selection) and print which VAE is used, and why, on stderr."""
+def resolve_selected_vae(
+    vae_opt: str | None, checkpoint: str | os.PathLike[str] | None = None, announce: bool = True
+) -> ResolvedVAE:
+    """Resolve ``--vae`` (or the selection) and print which VAE is used, and why, on stderr.
+
+    With ``announce=False`` the caller prints it (:func:`announce_vae`) once the file has proved to be a VAE, so
+    that a bad file gives its one error line and nothing else.
+    """
     resolved = resolve_vae(vae_opt, checkpoint)
-    cli.err.print(f"VAE: {escape(resolved.describe())}")
+    if announce:
+        announce_vae(resolved)
     return resolved
+
+
+def announce_vae(resolved: ResolvedVAE) -> None:
+    """Say on stderr which VAE a command uses, and why."""
+    cli.message(f"VAE: {escape(resolved.describe())}")
 
 
 def load_selected_vae(
@@ -196,12 +208,13 @@ def load_selected_vae(
     """Load the VAE that ``--vae`` names, else the selection (per checkpoint, global, bundled default); the choice
     is printed on stderr so nobody wonders which VAE ran. An uncertain family is said, with the flag to fix it.
     """
-    resolved = resolve_selected_vae(vae_opt, checkpoint)
+    resolved = resolve_selected_vae(vae_opt, checkpoint, announce=False)
     try:
         dev, fam = parse_device(device or "auto"), parse_family(family)
         model = load_vae(resolved.source, device=dev, dtype=dtype, family=fam)
     except (ValueError, KeyError) as e:  # a --family whose channel count does not fit this VAE
         raise BadInputError(f"--family {family}: {reason(e)}") from None
+    announce_vae(resolved)
     if not model.origin.family_certain and family is None and model.origin.family_note:
         warn(cli_words(model.origin.family_note))
     return model
@@ -339,10 +352,10 @@ def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
 
 
 def note(message: str) -> None:
-    """A message for the user on stderr."""
-    cli.err.print(escape(message))
+    """A message for the user on stderr (held back until success when stderr is not a terminal)."""
+    cli.message(escape(message))
 
 
 def warn(message: str) -> None:
-    """A warning on stderr."""
-    cli.err.print(f"[yellow]warning:[/] {escape(message)}")
+    """A warning on stderr (held back until success when stderr is not a terminal)."""
+    cli.message(f"[yellow]warning:[/] {escape(message)}")

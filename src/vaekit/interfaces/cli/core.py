@@ -109,6 +109,29 @@ def _stderr() -> Console:
     return console
 
 
+# Notes and warnings for a stderr that is not a terminal (a log, a pipe, a script), held until the command
+# succeeds: a failing command writes its one error line and nothing else. A terminal gets them at once.
+_held: list[str] | None = None
+
+
+def message(markup: str) -> None:
+    """A note or warning (Rich markup) on stderr: at once on a terminal, else when the command succeeds."""
+    console = _stderr()
+    if _held is not None and not console.is_terminal:
+        _held.append(markup)
+    else:
+        console.print(markup, soft_wrap=True)
+
+
+def _release(succeeded: bool) -> None:
+    global _held
+    held, _held = _held, None
+    if succeeded and held:
+        console = _stderr()
+        for markup in held:
+            console.print(markup, soft_wrap=True)
+
+
 def error_line(message: str, label: str = "error") -> None:
     """Print an error as exactly one line on stderr."""
     from rich.markup import escape
@@ -132,19 +155,16 @@ def _environment(env: Mapping[str, str] | None) -> Iterator[None]:
         os.environ.update(saved)
 
 
-def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+def _show_warning(text: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
     """Library warnings (PyTorch, Pillow...) as one line on stderr instead of file:line plus source."""
     from rich.markup import escape
 
-    text = reason(message if isinstance(message, Warning) else UserWarning(message), 300)
-    _stderr().print(f"[yellow]warning:[/] {escape(text)}", soft_wrap=True)
+    line = reason(text if isinstance(text, Warning) else UserWarning(text), 300)
+    message(f"[yellow]warning:[/] {escape(line)}")
 
 
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     """Run the command line with ``argv`` (and optionally a replacement environment); returns the exit code."""
-    from typer import _click  # Typer's own Click: its usage errors are the ones raised
-    from typer.exceptions import Abort, Exit
-
     args = list(sys.argv[1:] if argv is None else argv)
     with _environment(env), warnings.catch_warnings():
         # The consoles follow this call's streams (pytest's capture, a pipe, a terminal) and environment.
@@ -152,47 +172,62 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             globals().pop(name, None)
         warnings.showwarning = _show_warning
         debug = os.environ.get("VAEKIT_DEBUG", "") not in ("", "0")
+        global _held
+        _held = []
+        code = int(ExitCode.FAILURE)
         try:
-            command = typer.main.get_command(app)
-            # Click's own main() is bypassed: it turns Ctrl-C into a silent exit and prints usage errors on
-            # several lines; here every way out is one of ours.
-            with command.make_context("vaekit", args) as ctx:
-                result = command.invoke(ctx)
-            return int(result) if isinstance(result, int) and not isinstance(result, bool) else int(ExitCode.OK)
-        except VaekitError as e:
-            if debug:
-                raise
-            error_line(str(e), "" if e.exit_code == ExitCode.INTERRUPTED else "error")
-            return int(e.exit_code)
-        except Exit as e:
-            return int(e.exit_code or 0)
-        except _click.exceptions.NoArgsIsHelpError as e:
-            print(e.ctx.get_help() if e.ctx else "")
-            return int(ExitCode.OK)
-        except _click.exceptions.UsageError as e:  # a missing argument, an unknown option: one line, exit 2
-            path = e.ctx.command_path if e.ctx else "vaekit"
-            error_line(f"{e.format_message().rstrip('.')}; see `{path} --help`")
-            return int(ExitCode.BAD_INPUT)
-        except (Abort, KeyboardInterrupt):
-            error_line("interrupted", "")
-            return int(ExitCode.INTERRUPTED)
-        except SystemExit as e:
-            code = e.code
-            return code if isinstance(code, int) else (0 if code is None else int(ExitCode.FAILURE))
-        except OSError as e:  # an I/O failure no command caught (full disk, permissions): one line, exit 1
-            if debug:
-                raise
-            where = f"{e.filename}: " if e.filename else ""
-            error_line(where + (e.strerror or reason(e)))
-            return int(ExitCode.FAILURE)
-        except MemoryError:
-            error_line("out of memory; try --max-memory, --tiling exact or a smaller image")
-            return int(ExitCode.FAILURE)
-        except Exception as e:  # a bug: still one line, with how to see the traceback
-            if debug:
-                raise
-            error_line(f"internal error: {type(e).__name__}: {reason(e)} (rerun with VAEKIT_DEBUG=1 for the traceback)")
-            return int(ExitCode.FAILURE)
+            code = _run(args, debug)
+            return code
+        finally:
+            _release(succeeded=code == 0)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    """Run the command; every way out is an exit code (and at most one error line)."""
+    from typer import _click  # Typer's own Click: its usage errors are the ones raised
+    from typer.exceptions import Abort, Exit
+
+    try:
+        command = typer.main.get_command(app)
+        # Click's own main() is bypassed: it turns Ctrl-C into a silent exit and prints usage errors on
+        # several lines; here every way out is one of ours.
+        with command.make_context("vaekit", args) as ctx:
+            result = command.invoke(ctx)
+        return int(result) if isinstance(result, int) and not isinstance(result, bool) else int(ExitCode.OK)
+    except VaekitError as e:
+        if debug:
+            raise
+        error_line(str(e), "" if e.exit_code == ExitCode.INTERRUPTED else "error")
+        return int(e.exit_code)
+    except Exit as e:
+        return int(e.exit_code or 0)
+    except _click.exceptions.NoArgsIsHelpError as e:
+        print(e.ctx.get_help() if e.ctx else "")
+        return int(ExitCode.OK)
+    except _click.exceptions.UsageError as e:  # a missing argument, an unknown option: one line, exit 2
+        path = e.ctx.command_path if e.ctx else "vaekit"
+        error_line(f"{e.format_message().rstrip('.')}; see `{path} --help`")
+        return int(ExitCode.BAD_INPUT)
+    except (Abort, KeyboardInterrupt):
+        error_line("interrupted", "")
+        return int(ExitCode.INTERRUPTED)
+    except SystemExit as e:
+        code = e.code
+        return code if isinstance(code, int) else (0 if code is None else int(ExitCode.FAILURE))
+    except OSError as e:  # an I/O failure no command caught (full disk, permissions): one line, exit 1
+        if debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        error_line(where + (e.strerror or reason(e)))
+        return int(ExitCode.FAILURE)
+    except MemoryError:
+        error_line("out of memory; try --max-memory, --tiling exact or a smaller image")
+        return int(ExitCode.FAILURE)
+    except Exception as e:  # a bug: still one line, with how to see the traceback
+        if debug:
+            raise
+        error_line(f"internal error: {type(e).__name__}: {reason(e)} (rerun with VAEKIT_DEBUG=1 for the traceback)")
+        return int(ExitCode.FAILURE)
 
 
 def run() -> None:
