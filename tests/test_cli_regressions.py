@@ -395,3 +395,25 @@ def test_output_pngs_carry_the_vae_hash_the_a1111_way(
         params = read_a1111_parameters(im.text["parameters"])
     assert params["VAE hash"] == file_sha256(vae)[:10] and params["VAE"] == "v.safetensors"
     assert params["Size"] == "16x16"
+
+
+# --- friction: the fp16 probe says what it is doing ------------------------------------------------------------------
+
+
+def test_fp16_probe_shows_progress(
+    tmp_path: Path, env: dict[str, str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import rich.console
+
+    seen: list[str] = []
+    real = rich.console.Console.status
+
+    def status(self: rich.console.Console, text: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(str(text))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(rich.console.Console, "status", status)
+    vae = write_vae(tmp_path / "v.safetensors")
+    assert run(capsys, env, "inspect", str(vae), "--probe-size", "32")[0] == 0
+    assert run(capsys, env, "convert", str(vae), "-o", str(tmp_path / "h.safetensors"), "--dtype", "fp16")[0] == 0
+    assert len(seen) == 2 and all("fp16" in s and " px photo through" in s for s in seen)

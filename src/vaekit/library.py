@@ -568,9 +568,11 @@ def _clear_checkpoint(config: LibraryConfig, name: str, env: Mapping[str, str] |
         keys.add(checkpoint_key(find_checkpoint(name, env)))
     except BadInputError:
         pass  # the checkpoint file is gone: its entry is still matched by name below
-    lowered = name.lower()
+    lowered, file_name = name.lower(), Path(name).name.lower()
     gone = [
-        k for k in config.checkpoints if k in keys or lowered in (k.lower(), Path(k).name.lower(), Path(k).stem.lower())
+        k
+        for k in config.checkpoints
+        if k in keys or lowered in (k.lower(), Path(k).name.lower(), Path(k).stem.lower()) or file_name == k.lower()
     ]
     if not gone:
         raise BadInputError(f"no VAE is selected for {name!r}, so there is nothing to clear; `vaekit use` shows them")

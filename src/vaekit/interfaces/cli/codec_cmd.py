@@ -20,7 +20,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from vaekit.errors import BadInputError, VaekitError
+from vaekit.errors import BadInputError, LoadError, VaekitError
 from vaekit.formats import comfy_latent
 from vaekit.formats.image_meta import EXTRA_BITS, EXTRA_MODE, a1111_parameters
 from vaekit.formats.io import read_safetensors_header, tensors_sha256
@@ -337,7 +337,11 @@ class _Latents:
 
 def _read_latents(path: Path) -> _Latents:
     """Read and check one latent file (vaekit's or ComfyUI's); the error names the file."""
-    read_safetensors_header(path)  # a damaged or hostile header is refused before any reader opens the file
+    try:  # a damaged or hostile header is refused before any reader opens the file
+        read_safetensors_header(path)
+    except LoadError as e:
+        why = str(e).removeprefix(f"{path}: ")
+        raise BadInputError(f"{path}: not a vaekit latent file nor a ComfyUI .latent ({why})") from None
     if comfy_latent.is_comfy_latent(path):
         c = comfy_latent.read_comfy_latent(path)
         info = c.vaekit_info
