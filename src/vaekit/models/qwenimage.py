@@ -36,8 +36,9 @@ from torch import nn
 from vaekit.errors import BadInputError, LoadError
 
 # Per-channel latent statistics: the defaults of diffusers' AutoencoderKLQwenImage config (`latents_mean`,
-# `latents_std`, diffusers 0.42.1, identical in the Qwen/Qwen-Image `vae/config.json` and in AutoencoderKLWan's
-# defaults for Wan 2.1). The pipeline feeds the transformer `(z - mean) / std`.
+# `latents_std`, diffusers 0.42.1); the same values are in Qwen/Qwen-Image's `vae/config.json` and are
+# AutoencoderKLWan's defaults (Wan 2.1). QwenImagePipeline feeds the transformer `(z - mean) / std` and decodes
+# `z * std + mean`.
 QWENIMAGE_LATENTS_MEAN: tuple[float, ...] = (
     -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
     0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921,
@@ -316,8 +317,10 @@ def config_from_shapes(shapes: dict[str, tuple[int, ...]]) -> QwenImageConfig | 
             temporal.append(p + "time_conv.weight" in shapes)
             count = 0
         else:
-            raise LoadError(f"Wan 2.1 / Qwen-Image VAE: encoder.downsamples.{n} is neither a residual block nor a "
-                            "downsampler (attention inside levels is not supported)")  # fmt: skip
+            raise LoadError(
+                f"Wan 2.1 / Qwen-Image VAE: encoder.downsamples.{n} is neither a residual block nor a downsampler "
+                "(attention inside levels is not supported)"
+            )
     depth.append(count)
     if not levels or count == 0 or len(set(depth)) != 1 or entries != list(range(len(entries))):
         raise LoadError(f"Wan 2.1 / Qwen-Image VAE: inconsistent encoder levels (blocks per level {depth})")
