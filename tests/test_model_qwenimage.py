@@ -168,6 +168,8 @@ def test_configs_and_normaliser() -> None:
     cfg = q.PRESETS["qwenimage"]
     assert (cfg.downscale, cfg.gaussian, cfg.latent_channels, TWO_LEVELS.downscale) == (8, True, 16, 2)
     assert cfg.to_dict()["dim_mult"] == [1, 2, 4, 4] and cfg.to_dict()["kind"] == "qwenimage"
+    for c in (cfg, TWO_LEVELS):  # to_dict round-trips the way vaekit.models.config_from_dict rebuilds configs
+        assert q.QwenImageConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in c.to_dict().items()}) == c
     dc = q.diffusers_config(cfg)
     assert dc["_class_name"] == "AutoencoderKLQwenImage"
     assert q.config_from_diffusers(dc) == cfg == q.config_from_diffusers({"_class_name": "AutoencoderKLQwenImage"})

@@ -279,16 +279,35 @@ class QwenImageVAE(nn.Module):
         self.conv2 = CausalConv3d(z, z, 1)
         self.decoder = Decoder(cfg)
 
+    @property
+    def quant(self) -> nn.Module:
+        """The 1x1 conv after the encoder (``conv1`` in the original file, diffusers' ``quant_conv``)."""
+        return self.conv1
+
+    @property
+    def post_quant(self) -> nn.Module:
+        """The 1x1 conv before the decoder (``conv2`` in the original file, diffusers' ``post_quant_conv``)."""
+        return self.conv2
+
+    @staticmethod
+    def net_input(images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the network's input range [-1, 1]."""
+        return images * 2 - 1
+
+    @staticmethod
+    def net_output(y: torch.Tensor) -> torch.Tensor:
+        """The decoder network's output in [-1, 1] -> images in [0, 1] (not clamped)."""
+        return (y + 1) / 2
+
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images in [0, 1], (N, 3, H, W) (or one-frame (N, 3, 1, H, W)) -> raw posterior (mean, logvar)."""
-        x = single_frame(images, "encode") * 2 - 1
-        mean, logvar = self.conv1(self.encoder(x)).chunk(2, dim=1)
+        moments = self.conv1(self.encoder(self.net_input(single_frame(images, "encode"))))
+        mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Raw latent (N, 16, h, w) (or one-frame 5-D) -> images in [0, 1], not clamped."""
-        x = self.decoder(self.conv2(single_frame(z, "decode")))
-        return (x + 1) / 2
+        return self.net_output(self.decoder(self.conv2(single_frame(z, "decode"))))
 
 
 # ---------------------------------------------------------------------------------------------- recognition
