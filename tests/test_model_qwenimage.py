@@ -183,3 +183,25 @@ def test_configs_and_normaliser() -> None:
         defaults = diffusers.AutoencoderKLQwenImage().config  # the published values are diffusers' defaults
     assert spec == {"kind": "per_channel", "mean": defaults.latents_mean, "std": defaults.latents_std}
     assert spec["mean"][:2] == [-0.7571, -0.7089] and spec["std"][-1] == 1.916
+
+
+def test_receptive_field_is_the_tiling_halo() -> None:
+    torch.manual_seed(0)
+    model = q.QwenImageVAE(q.QwenImageConfig(base_dim=2)).double()
+    with torch.no_grad():
+        for attn in (model.encoder.middle[1], model.decoder.middle[1]):  # attention -> identity: convolutions only
+            attn.proj.weight.zero_()
+            attn.proj.bias.zero_()
+    x = torch.rand(1, 3, 256, 256, dtype=torch.double, requires_grad=True)
+    model.encode(x)[0][0, :, 16, 16].sum().backward()  # latent cell 16 covers pixels 128..135
+    rows = x.grad.abs().sum(dim=(0, 1, 3)).nonzero().flatten()
+    assert (128 - rows.min().item(), rows.max().item() - 135) == (101, 108)
+    assert q.TILING_HALO["encode"] == -(-108 // 8)
+    z = torch.randn(1, 16, 40, 40, dtype=torch.double, requires_grad=True)
+    reach = 0
+    for p in (160, 167):  # the first and last output pixel of latent cell 20
+        z.grad = None
+        model.decode(z)[0, :, p, p].sum().backward()
+        rows = z.grad.abs().sum(dim=(0, 1, 3)).nonzero().flatten()
+        reach = max(reach, 20 - rows.min().item(), rows.max().item() - 20)
+    assert reach == q.TILING_HALO["decode"] == 18

@@ -108,6 +108,13 @@ PRESETS: dict[str, QwenImageConfig] = {"qwenimage": QwenImageConfig()}
 
 MARKER_KEYS: tuple[str, ...] = ("decoder.middle.0.residual.0.gamma", "encoder.conv1.weight", "decoder.head.2.weight")
 
+# For vaekit.ops.tiling: the mid-block attention is global, so tiles cannot be exact; fast tiling gives each tile a
+# halo (latent cells) covering the convolutions' receptive field with the attention taken as local: encoder 101 px
+# above/left and 108 px below/right of a cell's block (ceil(108 / 8) = 14 cells), decoder 18 cells. Measured by
+# gradient support in tests/test_model_qwenimage.py.
+GLOBAL_PART = "mid-block self-attention"
+TILING_HALO: dict[str, int] = {"encode": 14, "decode": 18}
+
 # Wan 2.2's VAE (48 channels, downscale 16) nests its decoder levels; the same mid-block names, another architecture.
 _WAN22_KEY = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 
