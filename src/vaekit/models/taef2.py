@@ -7,8 +7,8 @@ indices 11-13, decoder indices 3-5) carry a ``pool`` branch added to the block's
 ``x = x + conv1x1(relu(GroupNorm(4, 4w)(conv1x1(x, 4w))), w)`` (both 1x1 convs without bias, GroupNorm affine,
 eps 1e-5). That GroupNorm is the only norm and the only non-local part: its statistics are GLOBAL (per sample and
 group, over all positions), so tiles computed alone differ from the whole image unless the statistics are shared.
-Everything else is 3x3 convs and ReLUs; receptive field per side (local part only): encoder 145 input pixels,
-decoder 18 latent cells (145 output pixels). No attention.
+Everything else is 3x3 convs and ReLUs; receptive field per side (local part only, measured by gradients): encoder
+145 input pixels, decoder 19 latent cells (152 output pixels). No attention. Max fp32 activation (astronaut 256 px): 32.
 
 Latent convention: TAEF2's 32 channels are FLUX.2's *normalised* latents, unpatchified: ``patchify(encode(x))``
 (2x2 patches, channel ``c * 4 + dy * 2 + dx`` as diffusers' ``Flux2Pipeline._patchify_latents``) is what FLUX.2's
