@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("VAEKIT_HOME", "")  # never read the developer's own VAE library during tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from vaekit.models.config import VAEConfig, preset  # noqa: E402
+from vaekit.families import preset  # noqa: E402
+from vaekit.models.config import VAEConfig  # noqa: E402
 
 KL_PRESETS = ("sd1", "sdxl", "sd3", "flux")
 TINY_PRESETS = ("taesd", "taesdxl", "taesd3", "taef1")

@@ -79,7 +79,7 @@ def _mid(stages: list[Stage], prefix: str, mid: nn.Module, src: str) -> str:
 def decoder_stages(model: nn.Module) -> list[Stage]:
     """The KL decoder (with post_quant_conv) as a list of stages from store ``in`` (raw z) to store ``out``."""
     dec = model.decoder
-    pre = getattr(model, "post_quant_conv", None)
+    pre = model.post_quant
     stages = [Stage("decoder.conv_in", "in", "decoder.conv_in", dec.conv_in, pre=pre)]
     cur = _mid(stages, "decoder", dec.mid, "decoder.conv_in")
     for i in reversed(range(len(dec.up))):
@@ -95,7 +95,7 @@ def decoder_stages(model: nn.Module) -> list[Stage]:
 
 
 def encoder_stages(model: nn.Module) -> list[Stage]:
-    """The KL encoder (with quant_conv) as stages from store ``in`` (image in [-1, 1]) to ``out`` (moments)."""
+    """The KL encoder (with quant_conv) as stages from store ``in`` (network input in [-1, 1]) to ``out`` (moments)."""
     enc = model.encoder
     stages = [Stage("encoder.conv_in", "in", "encoder.conv_in", enc.conv_in)]
     cur = "encoder.conv_in"
@@ -107,7 +107,7 @@ def encoder_stages(model: nn.Module) -> list[Stage]:
             stages.append(Stage(name, cur, name, level.downsample.conv, resample="down"))
             cur = name
     cur = _mid(stages, "encoder", enc.mid, cur)
-    post = getattr(model, "quant_conv", None)
+    post = model.quant
     stages.append(Stage("encoder.conv_out", cur, "out", enc.conv_out, enc.norm_out, post=post))
     return stages
 

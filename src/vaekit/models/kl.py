@@ -85,7 +85,14 @@ class Decoder(nn.Module):
 
 
 class AutoencoderKL(nn.Module):
-    """Encoder, decoder and (SD1/SDXL only) the 1x1 quant/post-quant convs around the latent."""
+    """Encoder, decoder, the optional 1x1 quant/post-quant convs around the latent and (FLUX.2) the latent
+    BatchNorm. Takes and returns images in [0, 1]; the network itself runs on [-1, 1].
+
+    SD1/SDXL files name the quant convs ``quant_conv``/``post_quant_conv`` at the top level, FLUX.2's original
+    files nest them as ``encoder.quant_conv``/``decoder.post_quant_conv`` (``nested_quant``). FLUX.2's ``bn`` is
+    a ``BatchNorm2d`` over 2x2-patched latents that only stores the latent statistics: the model never runs it, the
+    family's normaliser (:mod:`vaekit.normalisers`) reads it.
+    """
 
     def __init__(self, cfg: KLConfig) -> None:
         super().__init__()
@@ -94,19 +101,42 @@ class AutoencoderKL(nn.Module):
         self.decoder = Decoder(cfg)
         if cfg.use_quant_conv:
             z2 = 2 * cfg.latent_channels
-            self.quant_conv = nn.Conv2d(z2, z2, 1)
-            self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+            owner_in, owner_out = (self.encoder, self.decoder) if cfg.nested_quant else (self, self)
+            owner_in.quant_conv = nn.Conv2d(z2, z2, 1)
+            owner_out.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+        if cfg.patch_batchnorm:
+            self.bn = nn.BatchNorm2d(4 * cfg.latent_channels, eps=cfg.batchnorm_eps, affine=False)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image in [-1, 1] -> (mean, logvar) of the diagonal Gaussian posterior, unscaled."""
-        moments = self.encoder(x)
-        if self.config.use_quant_conv:
-            moments = self.quant_conv(moments)
+    @property
+    def quant(self) -> nn.Conv2d | None:
+        """The 1x1 conv after the encoder, wherever the file names it."""
+        return getattr(self.encoder if self.config.nested_quant else self, "quant_conv", None)
+
+    @property
+    def post_quant(self) -> nn.Conv2d | None:
+        """The 1x1 conv before the decoder, wherever the file names it."""
+        return getattr(self.decoder if self.config.nested_quant else self, "post_quant_conv", None)
+
+    @staticmethod
+    def net_input(images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> the network's input range [-1, 1]."""
+        return images * 2 - 1
+
+    @staticmethod
+    def net_output(y: torch.Tensor) -> torch.Tensor:
+        """The decoder network's output in [-1, 1] -> images in [0, 1] (not clamped)."""
+        return (y + 1) / 2
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images in [0, 1] -> (mean, logvar) of the diagonal Gaussian posterior, raw (not normalised)."""
+        moments = self.encoder(self.net_input(images))
+        if self.quant is not None:
+            moments = self.quant(moments)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Unscaled latent -> image in [-1, 1] (not clamped)."""
-        if self.config.use_quant_conv:
-            z = self.post_quant_conv(z)
-        return self.decoder(z)
+        """Raw latent -> images in [0, 1] (not clamped)."""
+        if self.post_quant is not None:
+            z = self.post_quant(z)
+        return self.net_output(self.decoder(z))
