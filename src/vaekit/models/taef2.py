@@ -143,6 +143,16 @@ class TAEF2VAE(nn.Module):
         if cfg.has_decoder:
             self.decoder = _decoder(cfg)
 
+    @staticmethod
+    def net_input(images: torch.Tensor) -> torch.Tensor:
+        """The networks take images in [0, 1] as they are."""
+        return images
+
+    @staticmethod
+    def net_output(y: torch.Tensor) -> torch.Tensor:
+        """The decoder already returns images in [0, 1]."""
+        return y
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (N, 3, H, W), H and W multiples of 8 -> latent (N, 32, H/8, W/8), unpatchified FLUX.2."""
         if not self.config.has_encoder:
