@@ -8,6 +8,7 @@ from torch import nn
 
 from vaekit.models.blocks import Downsample, MidBlock, ResnetBlock, Upsample, group_norm
 from vaekit.models.config import KLConfig
+from vaekit.models.stages import Stage
 
 
 class Level(nn.Module):
@@ -140,3 +141,61 @@ class AutoencoderKL(nn.Module):
         if self.post_quant is not None:
             z = self.post_quant(z)
         return self.net_output(self.decoder(z))
+
+    def stages(self, op: str) -> list[Stage]:
+        """This network as stages (``op`` "encode" or "decode"): store ``in`` is the network input ([-1, 1] images
+        or the raw latent), store ``out`` the moments or the [-1, 1] image."""
+        return encoder_stages(self) if op == "encode" else decoder_stages(self)
+
+
+# --- the stage description (read by vaekit.ops.tiling) ----------------------------------------------------------
+def _resnet(stages: list[Stage], name: str, block: nn.Module, src: str) -> str:
+    stages.append(Stage(f"{name}.conv1", src, f"{name}.h", block.conv1, block.norm1))
+    shortcut = getattr(block, "nin_shortcut", None)
+    stages.append(Stage(f"{name}.conv2", f"{name}.h", name, block.conv2, block.norm2, skip=src, shortcut=shortcut))
+    return name
+
+
+def _mid(stages: list[Stage], prefix: str, mid: nn.Module, src: str) -> str:
+    cur = _resnet(stages, f"{prefix}.mid.block_1", mid.block_1, src)
+    if hasattr(mid, "attn_1"):
+        name = f"{prefix}.mid.attn_1"
+        stages.append(Stage(name, cur, name, mid.attn_1.q, mid.attn_1.norm, attn=mid.attn_1))
+        cur = name
+    return _resnet(stages, f"{prefix}.mid.block_2", mid.block_2, cur)
+
+
+def decoder_stages(model: AutoencoderKL) -> list[Stage]:
+    """The KL decoder (with post_quant_conv) as a list of stages from store ``in`` (raw z) to store ``out``."""
+    dec = model.decoder
+    pre = model.post_quant
+    stages = [Stage("decoder.conv_in", "in", "decoder.conv_in", dec.conv_in, pre=pre)]
+    cur = _mid(stages, "decoder", dec.mid, "decoder.conv_in")
+    for i in reversed(range(len(dec.up))):
+        level = dec.up[i]
+        for j, block in enumerate(level.block):
+            cur = _resnet(stages, f"decoder.up.{i}.block.{j}", block, cur)
+        if hasattr(level, "upsample"):
+            name = f"decoder.up.{i}.upsample"
+            stages.append(Stage(name, cur, name, level.upsample.conv, resample="up"))
+            cur = name
+    stages.append(Stage("decoder.conv_out", cur, "out", dec.conv_out, dec.norm_out))
+    return stages
+
+
+def encoder_stages(model: AutoencoderKL) -> list[Stage]:
+    """The KL encoder (with quant_conv) as stages from store ``in`` (network input in [-1, 1]) to ``out`` (moments)."""
+    enc = model.encoder
+    stages = [Stage("encoder.conv_in", "in", "encoder.conv_in", enc.conv_in)]
+    cur = "encoder.conv_in"
+    for i, level in enumerate(enc.down):
+        for j, block in enumerate(level.block):
+            cur = _resnet(stages, f"encoder.down.{i}.block.{j}", block, cur)
+        if hasattr(level, "downsample"):
+            name = f"encoder.down.{i}.downsample"
+            stages.append(Stage(name, cur, name, level.downsample.conv, resample="down"))
+            cur = name
+    cur = _mid(stages, "encoder", enc.mid, cur)
+    post = model.quant
+    stages.append(Stage("encoder.conv_out", cur, "out", enc.conv_out, enc.norm_out, post=post))
+    return stages

@@ -176,7 +176,7 @@ def preview_command(
 
     refuse_existing(output, overwrite)
     lf = load_latents(latents)
-    if vae is None and lf.family in preview.FAMILY_RGB_FACTORS:
+    if vae is None and preview.published_factors(lf.family) is not None:
         pmap = preview.family_preview_map(lf.family)
     else:
         model = load_selected_vae(vae, "cpu")
