@@ -17,7 +17,9 @@ from vaekit.models.taef2 import (
     PRESETS,
     TAEF2VAE,
     TAEF2Config,
+    config_from_diffusers,
     config_from_shapes,
+    diffusers_config,
     from_diffusers,
     normaliser_spec,
     part_state_dict,
@@ -189,6 +191,10 @@ def test_diffusers_names_round_trip_bit_exact() -> None:
     assert DIFFUSERS_KEYS[1] == ("decoder.{d}.", "decoder.layers.{d}.")
     with pytest.raises(LoadError):
         from_diffusers({"decoder.conv_in.weight": torch.zeros(1)})
+    with pytest.raises(LoadError, match="no class for TAEF2"):
+        diffusers_config(SMALL)
+    with pytest.raises(LoadError, match="no class for TAEF2"):
+        config_from_diffusers({"_class_name": "AutoencoderTiny"})
 
 
 def test_normaliser_is_a_2x2_patchify() -> None:

@@ -326,3 +326,16 @@ def to_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
 def from_diffusers(sd: dict[str, Any]) -> dict[str, Any]:
     """Diffusers' tiny layout names -> ours; values untouched."""
     return _rename(sd, r"(encoder|decoder)\.layers\.(\d+)\.", 1, "")
+
+
+_NO_DIFFUSERS = "diffusers has no class for TAEF2 (AutoencoderTiny has no pool branch); no diffusers config exists"
+
+
+def diffusers_config(cfg: TAEF2Config) -> dict[str, Any]:
+    """No diffusers class exists for TAEF2: always a LoadError (a folder claiming AutoencoderTiny would load wrong)."""
+    raise LoadError(_NO_DIFFUSERS)
+
+
+def config_from_diffusers(dc: dict[str, Any]) -> TAEF2Config:
+    """No diffusers class exists for TAEF2: always a LoadError."""
+    raise LoadError(_NO_DIFFUSERS)
