@@ -72,6 +72,11 @@ class TAEF2Config:
 
 PRESETS: dict[str, TAEF2Config] = {"taef2": TAEF2Config()}
 
+# Region tiling (vaekit.ops.tiling): halo in latent cells per side (receptive fields above: 145 px / 8, 19 cells),
+# and the part that reads the whole image, which makes tiles approximate.
+TILING_HALO: dict[str, int] = {"encode": 19, "decode": 19}
+GLOBAL_PART = "pool branch's GroupNorm (statistics over the whole image)"
+
 # A pool branch key, present only in TAEF2-style files (plain TAESD/TAESDXL/TAESD3/TAEF1 blocks have none).
 MARKER_KEYS: tuple[str, ...] = ("encoder.11.pool.0.weight", "decoder.3.pool.0.weight")
 
