@@ -15,6 +15,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import vaekit
 from vaekit.errors import BadInputError, VaekitError
@@ -22,7 +23,7 @@ from vaekit.interfaces.server.catalog import UnknownVAEError
 from vaekit.interfaces.server.payloads import PayloadTooLargeError, UnsupportedFormatError
 from vaekit.interfaces.server.routes import router
 from vaekit.interfaces.server.scheduler import QueueFullError, RequestTimeoutError
-from vaekit.interfaces.server.security import GuardMiddleware
+from vaekit.interfaces.server.security import BodyTooLarge, GuardMiddleware
 from vaekit.interfaces.server.settings import ServerSettings, is_loopback
 from vaekit.interfaces.server.state import ServerState, build_state
 from vaekit.interfaces.ui import static_dir
@@ -71,10 +72,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(413, "request body over the cap")  # the guard answers with the cap in its message
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error in %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+        # A client that went away, or a body cut off at the cap, is not the server's fault: nothing to report.
+        if isinstance(exc, ClientDisconnect | BodyTooLarge) or isinstance(exc.__cause__, ClientDisconnect):
+            log.debug("%s %s: the client went away", request.method, request.url.path)
+            return _error(499, "the client went away")
+        # One line in the log (the traceback only at debug level); the client gets no library internals.
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.error("internal error in %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, first)
+        log.debug("traceback of the internal error", exc_info=exc)
+        return _error(500, "internal error: the server could not complete this request (its log has the details)")
 
 
 def create_app(settings: ServerSettings | None = None) -> GuardMiddleware:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,19 +13,20 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import vaekit
-from vaekit.errors import BadInputError
+from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server import payloads
 from vaekit.interfaces.server.catalog import CatalogEntry
-from vaekit.interfaces.server.engine import DecodeItem, WorkResult
+from vaekit.interfaces.server.engine import DecodeItem, WorkResult, padded
 from vaekit.interfaces.server.state import ServerState
 from vaekit.interfaces.server.views import channel_images, difference_image, headline_metrics, image_metrics
 from vaekit.latent.interpolation import METHODS, interpolate_latents, match_size
 
 router = APIRouter()
 LATENT_DOWNSCALE = 8  # pixels per latent cell of every supported family; used to cap decoded sizes up front
+log = logging.getLogger("vaekit.server")
 
 VaeQuery = Annotated[str | None, Query(description="VAE name, id or hash prefix from GET /vaes (default: selected)")]
 PrecisionQuery = Annotated[str | None, Query(description="fp32, bf16, fp16 or auto (default: the server's)")]
@@ -80,7 +82,13 @@ def _headers(entry: CatalogEntry, result: WorkResult | None, started: float) -> 
 
 
 async def _image_in(state: ServerState, data: bytes, what: str = "image") -> torch.Tensor:
-    return await asyncio.to_thread(payloads.read_image, data, state.settings.max_pixels, state.tmpdir, what)
+    read = payloads.read_image
+    return await asyncio.to_thread(read, data, state.settings.max_pixels, state.tmpdir, what, LATENT_DOWNSCALE)
+
+
+def _work(image: torch.Tensor, passes: int) -> int:
+    """Padded pixels x forward passes of work on ``image`` (3, H, W)."""
+    return padded(int(image.shape[-2]), LATENT_DOWNSCALE) * padded(int(image.shape[-1]), LATENT_DOWNSCALE) * passes
 
 
 async def _encode_image_out(image: torch.Tensor, fmt: str) -> tuple[bytes, str]:
@@ -122,7 +130,7 @@ async def list_vaes(request: Request) -> dict[str, Any]:
 class SelectBody(BaseModel):
     """Body of POST /vaes/select."""
 
-    vae: str
+    vae: str = Field(min_length=1, max_length=512, pattern=r"\S", description="VAE id, name or hash prefix")
 
 
 @router.post("/vaes/select", tags=["library"])
@@ -151,7 +159,8 @@ async def encode(
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
     image = await _image_in(state, data)
-    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape))
+    state.admit(entry, prec, _work(image, 1))
+    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None and result.image_size is not None and result.padding is not None
     headers = _headers(entry, result, started)
     latent = result.latent.unsqueeze(0)
@@ -257,7 +266,8 @@ async def decode(
         for i in range(n)  # type: ignore[arg-type]
     ]
     shape = tuple(lat.latents.shape[1:])
-    results = await asyncio.gather(*(state.run("decode", entry, prec, tile, it, shape) for it in items))
+    state.admit(entry, prec, n * shape[-2] * shape[-1] * LATENT_DOWNSCALE**2)
+    results = await asyncio.gather(*(state.run("decode", entry, prec, tile, it, shape, request) for it in items))
     headers = _headers(entry, results[0], started)
     if fmt == "raw":
         images = torch.stack([r.image for r in results])  # type: ignore[misc]
@@ -285,16 +295,18 @@ async def roundtrip(
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
     image = await _image_in(state, data)
-    result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape))
+    state.admit(entry, prec, _work(image, 2))
+    result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
     assert result.image is not None and result.latent is not None
     headers = _headers(entry, result, started)
     if fmt != "json":  # the image, with the two headline metrics in headers (the full set costs more than a decode)
         psnr, ssim = await asyncio.to_thread(headline_metrics, image, result.image)
-        headers |= {"X-Vaekit-PSNR": f"{psnr:.4f}", "X-Vaekit-SSIM": f"{ssim:.6f}"}
+        headers |= {"X-Vaekit-PSNR": f"{psnr:.4f}", "X-Vaekit-SSIM": "n/a" if ssim is None else f"{ssim:.6f}"}
         body, media = await _encode_image_out(result.image, fmt)
         return Response(body, media_type=media, headers=headers)
     metrics = await asyncio.to_thread(image_metrics, image, result.image)
-    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": f"{metrics['ssim']:.6f}"}
+    ssim = metrics["ssim"]
+    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": "n/a" if ssim is None else f"{ssim:.6f}"}
 
     def views() -> dict[str, str]:
         return {
@@ -313,6 +325,7 @@ async def roundtrip(
             "metrics": metrics,
             "notes": result.notes,
             "seconds": round(time.perf_counter() - started, 4),
+            "compute_seconds": round(result.seconds, 4),
             "images": images,
         },
         headers=headers,
@@ -327,8 +340,13 @@ async def compare(
     ] = None,
     precision: PrecisionQuery = None,
     tiling: TilingQuery = None,
+    images: Annotated[bool, Query(description="include each reconstruction as a PNG data URL")] = False,
 ) -> dict[str, Any]:
-    """Round-trip one image through several VAEs and report each one's metrics, best first."""
+    """Round-trip one image through several VAEs and report each one's metrics, best first.
+
+    ``seconds`` is each VAE's compute time (its share of the forward passes), without queueing or model loading;
+    ``best`` is the VAE with the strictly highest PSNR, or null when the top PSNRs tie (e.g. identical weights).
+    """
     state = state_of(request)
     prec, tile = state.precision(precision), state.tiling(tiling)
     if vaes:
@@ -342,29 +360,36 @@ async def compare(
         raise BadInputError(f"{len(entries)} VAEs in one comparison; the cap is 8")
     (data,) = await upload(request, "file")
     image = await _image_in(state, data)
+    unique = list({e.id: e for e in entries}.values())
+    for entry in unique:
+        state.admit(entry, prec, _work(image, 2) * len(unique))
 
     async def one(entry: CatalogEntry) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape))
-        metrics = await asyncio.to_thread(image_metrics, image, result.image)  # type: ignore[arg-type]
-        return {
+        result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
+        assert result.image is not None
+        metrics = await asyncio.to_thread(image_metrics, image, result.image)
+        row = {
             "vae": entry.id,
             "family": result.family,
             "sha256": entry.sha256,
             "dtype": result.dtype,
             **metrics,
-            "seconds": round(time.perf_counter() - t0, 4),
+            "seconds": round(result.seconds, 4),
             "notes": result.notes,
         }
+        if images:
+            row["image"] = await asyncio.to_thread(payloads.image_data_url, result.image)
+        return row
 
-    unique = list({e.id: e for e in entries}.values())
     rows = await asyncio.gather(*(one(e) for e in unique))
     rows = sorted(rows, key=lambda r: -r["psnr"])
+    best = rows[0]["vae"] if len(rows) == 1 or rows[0]["psnr"] > rows[1]["psnr"] + 1e-6 else None
     return {
         "image_size": [image.shape[2], image.shape[1]],
         "metric_source": "vaekit.eval.metrics",
         "results": rows,
-        "best": rows[0]["vae"],
+        "best": best,
+        "tied": [r["vae"] for r in rows if r["psnr"] >= rows[0]["psnr"] - 1e-6] if best is None else [],
     }
 
 
@@ -379,7 +404,8 @@ async def latent_channels(
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
     image = await _image_in(state, data)
-    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape))
+    state.admit(entry, prec, _work(image, 1))
+    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None
 
     def render() -> list[dict[str, Any]]:
@@ -413,32 +439,55 @@ async def interpolate(
     entry = await state.entry(vae)
     data_a, data_b = await upload(request, "a", "b")
     img_a = await _image_in(state, data_a, "image a")
-    img_b = match_size(img_a, await _image_in(state, data_b, "image b"), resize)
+    img_b = await _image_in(state, data_b, "image b")
+    if img_a.shape != img_b.shape and not resize:
+        raise BadInputError(
+            f"images a and b differ in size ({img_a.shape[2]}x{img_a.shape[1]} vs {img_b.shape[2]}x{img_b.shape[1]}): "
+            "send resize=true to resize b to a's size, or two images of one size"
+        )
+    img_b = match_size(img_a, img_b, resize)
     shape = tuple(img_a.shape)
-    enc_a, enc_b = await asyncio.gather(*(state.run("encode", entry, prec, tile, im, shape) for im in (img_a, img_b)))
+    state.admit(entry, prec, _work(img_a, 2 + steps))  # two encodes, then one decode per frame
+    enc_a, enc_b = await asyncio.gather(
+        *(state.run("encode", entry, prec, tile, im, shape, request) for im in (img_a, img_b))
+    )
     frames = interpolate_latents(enc_a.latent, enc_b.latent, steps, method)  # type: ignore[arg-type]
     started = time.perf_counter()
+    window = max(1, state.settings.max_batch)  # a stream's fair share of the queue: one batch of frames at a time
 
     async def events() -> AsyncIterator[bytes]:
         yield _event({"event": "start", "total": steps, "vae": entry.id, "latent_shape": list(frames.shape[1:])})
 
         async def frame(i: int) -> tuple[int, WorkResult]:
             item = DecodeItem(frames[i], enc_a.image_size, enc_a.padding)
-            return i, await state.run("decode", entry, prec, tile, item, tuple(frames.shape[1:]))
+            result = await state.run("decode", entry, prec, tile, item, tuple(frames.shape[1:]), admitted=True)
+            return i, result
 
-        tasks = [asyncio.ensure_future(frame(i)) for i in range(steps)]
+        pending: set[asyncio.Future[tuple[int, WorkResult]]] = set()
+        next_frame = done = 0
         try:
-            done = 0
-            for next_done in asyncio.as_completed(tasks):
-                i, result = await next_done
-                done += 1
-                url = await asyncio.to_thread(payloads.image_data_url, result.image)
-                yield _event({"event": "frame", "index": i, "done": done, "total": steps, "image": url})
+            while done < steps:
+                while next_frame < steps and len(pending) < window:  # the stream's next frames join the queue's end
+                    pending.add(asyncio.ensure_future(frame(next_frame)))
+                    next_frame += 1
+                finished, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
+                if not finished and await request.is_disconnected():
+                    return  # the client went away: the finally clause abandons its frames
+                for task in finished:
+                    i, result = task.result()
+                    done += 1
+                    url = await asyncio.to_thread(payloads.image_data_url, result.image)
+                    yield _event({"event": "frame", "index": i, "done": done, "total": steps, "image": url})
             yield _event({"event": "done", "seconds": round(time.perf_counter() - started, 4)})
-        except Exception as e:  # the status line is sent: report the failure in the stream
+        except VaekitError as e:  # the status line is sent: report the failure in the stream
             yield _event({"event": "error", "error": str(e) or type(e).__name__})
-        finally:  # a client that went away leaves nothing queued for it
-            for t in tasks:
+        except Exception as e:
+            log.error(
+                "interpolation stream failed: %s: %s", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else ""
+            )
+            yield _event({"event": "error", "error": "internal error while decoding the frames (see the server's log)"})
+        finally:  # a client that went away leaves nothing queued or running for it
+            for t in pending:
                 t.cancel()
 
     return StreamingResponse(events(), media_type="application/x-ndjson", headers=_headers(entry, None, started))

@@ -4,6 +4,10 @@ Requests whose work has the same key (operation, VAE, precision, tiling, input s
 window are stacked into one forward pass; different keys (other sizes, other VAEs) form separate groups, run in
 the order their first request arrived. The event loop only enqueues and awaits: all tensor work happens on the
 worker thread.
+
+A request that times out or whose client goes away is abandoned: a queued job leaves the queue, and a running batch
+whose every request is gone stops at the next module the model calls (a process-wide forward pre-hook checks the
+worker's current batch), so a hostile or impatient client cannot keep the only worker busy.
 """
 
 from __future__ import annotations
@@ -17,9 +21,23 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from vaekit.errors import VaekitError
 
 GroupRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
+_worker = threading.local()  # the running batch's "stop now?" check, on the worker thread only
+
+
+class JobCancelled(BaseException):  # noqa: N818 - a BaseException so that no `except Exception` retry swallows it
+    """Raised inside the model's forward pass when every request of the running batch has been abandoned."""
+
+
+def _check_cancelled(module: torch.nn.Module, args: Any) -> None:
+    """Global forward pre-hook: stop the worker's batch when nobody waits for it any more."""
+    should_stop = getattr(_worker, "should_stop", None)
+    if should_stop is not None and should_stop():
+        raise JobCancelled
 
 
 class QueueFullError(VaekitError):
@@ -34,13 +52,14 @@ class RequestTimeoutError(VaekitError):
     """A request waited or ran longer than the per-request timeout."""
 
 
-@dataclass
+@dataclass(eq=False)
 class _Job:
     key: Hashable
     item: Any
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass
@@ -52,6 +71,8 @@ class SchedulerStats:
     failed: int = 0
     rejected: int = 0
     timed_out: int = 0
+    cancelled: int = 0  # abandoned (timed out or the client went away) before their work finished
+    stopped_batches: int = 0  # running batches stopped part-way because every request of theirs was abandoned
     batches: int = 0
     largest_batch: int = 0
     seconds_per_item: float = 0.0  # moving average, for Retry-After
@@ -87,6 +108,7 @@ class BatchScheduler:
         self._cond = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
+        self._hook: Any = None
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,11 +117,13 @@ class BatchScheduler:
             if self._running:
                 return
             self._running = True
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(_check_cancelled)
         self._thread = threading.Thread(target=self._work, name="vaekit-worker", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop the worker after the batch in progress; waiting requests fail with a clear error."""
+        """Stop the worker (a running batch stops at its next module call); waiting requests fail with a clear
+        error."""
         with self._cond:
             self._running = False
             pending = list(self._queue)
@@ -109,6 +133,9 @@ class BatchScheduler:
             job.loop.call_soon_threadsafe(_deliver, job.future, None, VaekitError("the server is shutting down"))
         if self._thread is not None:
             self._thread.join(timeout=30)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
 
     @property
     def queued(self) -> int:
@@ -116,19 +143,30 @@ class BatchScheduler:
         return len(self._queue)
 
     # --- the event loop's side ---------------------------------------------------------------------------------
-    async def submit(self, key: Hashable, item: Any) -> Any:
-        """Queue one item of work and wait for its result (raises QueueFullError, RequestTimeoutError)."""
-        loop = asyncio.get_running_loop()
-        job = _Job(key, item, loop.create_future(), loop)
+    def check_room(self) -> None:
+        """Raise QueueFullError when a new request would find the queue full (admission before any work)."""
         with self._cond:
-            if not self._running:
-                raise VaekitError("the server is not running its worker")
             if len(self._queue) >= self.max_queue:
                 self.stats.rejected += 1
                 wait = len(self._queue) * max(self.stats.seconds_per_item, 0.05)
                 raise QueueFullError(
                     f"the server is busy ({len(self._queue)} requests queued); retry later", max(1, math.ceil(wait))
                 )
+
+    async def submit(self, key: Hashable, item: Any, admitted: bool = False) -> Any:
+        """Queue one item of work and wait for its result (raises QueueFullError, RequestTimeoutError).
+
+        ``admitted``: the item continues a request that already passed admission (a stream's next frames); it is
+        queued even when the queue is full, so a stream that got its 200 is never refused half-way.
+        Cancelling the waiting task abandons the job: it leaves the queue, or its batch stops if nobody else waits.
+        """
+        loop = asyncio.get_running_loop()
+        job = _Job(key, item, loop.create_future(), loop)
+        with self._cond:
+            if not self._running:
+                raise VaekitError("the server is not running its worker")
+            if not admitted:
+                self.check_room()
             self._queue.append(job)
             self.stats.submitted += 1
             self._cond.notify()
@@ -137,10 +175,20 @@ class BatchScheduler:
         except TimeoutError:
             self.stats.timed_out += 1
             raise RequestTimeoutError(f"the request took longer than the timeout of {self.timeout_s:g} s") from None
+        finally:
+            if job.future.cancelled() or not job.future.done():
+                self._abandon(job)
 
-    async def submit_many(self, key: Hashable, items: Sequence[Any]) -> list[Any]:
-        """Queue several items under one key (they may share a batch) and wait for all."""
-        return list(await asyncio.gather(*(self.submit(key, item) for item in items)))
+    def _abandon(self, job: _Job) -> None:
+        with self._cond:
+            if job.abandoned.is_set():
+                return
+            job.abandoned.set()
+            self.stats.cancelled += 1
+            try:
+                self._queue.remove(job)
+            except ValueError:  # already taken by the worker: its batch checks ``abandoned``
+                pass
 
     # --- the worker's side -------------------------------------------------------------------------------------
     def _take_batch(self) -> list[_Job] | None:
@@ -167,24 +215,38 @@ class BatchScheduler:
             batch = self._take_batch()
             if batch is None:
                 return
-            live = [j for j in batch if not j.future.done()]  # skip requests that timed out while queued
+            live = [j for j in batch if not j.abandoned.is_set()]  # skip requests abandoned while queued
             if live:
                 self._run(live)
 
+    def _should_stop(self, jobs: list[_Job]) -> bool:
+        return not self._running or all(j.abandoned.is_set() for j in jobs)
+
     def _run(self, jobs: list[_Job]) -> None:
         start = time.monotonic()
+        _worker.should_stop = lambda: self._should_stop(jobs)
         try:
             results = list(self.run_group(jobs[0].key, [j.item for j in jobs]))
             if len(results) != len(jobs):
                 raise VaekitError(f"internal error: {len(results)} results for {len(jobs)} requests")
             outcomes: list[tuple[Any, BaseException | None]] = [(r, None) for r in results]
+        except JobCancelled:
+            with self._cond:
+                self.stats.stopped_batches += 1
+            error = None if self._running else VaekitError("the server is shutting down")
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_deliver, job.future, None, error or RequestTimeoutError("abandoned"))
+            return
         except Exception as e:
             if len(jobs) > 1:
                 # One failing item must not fail the others: run each alone so the error lands where it belongs.
                 for job in jobs:
-                    self._run([job])
+                    if not job.abandoned.is_set():
+                        self._run([job])
                 return
             outcomes = [(None, e)] * len(jobs)
+        finally:
+            _worker.should_stop = None
         elapsed = time.monotonic() - start
         with self._cond:
             st = self.stats

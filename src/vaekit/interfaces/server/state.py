@@ -9,15 +9,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from starlette.requests import ClientDisconnect, Request
 
 from vaekit.errors import BadInputError
 from vaekit.interfaces.server.catalog import Catalog, CatalogEntry
 from vaekit.interfaces.server.engine import Engine, WorkKey, WorkResult
 from vaekit.interfaces.server.model_cache import ModelCache
+from vaekit.interfaces.server.payloads import PayloadTooLargeError
 from vaekit.interfaces.server.scheduler import BatchScheduler
 from vaekit.interfaces.server.settings import ServerSettings
 from vaekit.ops.pipeline import TILING_MODES
 from vaekit.ops.precision import parse_precision
+
+DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still connected
 
 
 @dataclass
@@ -57,12 +61,54 @@ class ServerState:
             raise BadInputError(f"unknown tiling mode {name!r}; use one of {', '.join(TILING_MODES)} (on = exact)")
         return mode
 
+    def admit(self, entry: CatalogEntry, precision: str, pixel_passes: int) -> None:
+        """Admission by real cost, before any work is queued: a request's padded pixels times forward passes must
+        be under the cap, its compute time (from what was measured on this VAE) under the timeout, and the queue
+        must have room."""
+        cap = self.settings.request_pixels
+        if pixel_passes > cap:
+            raise PayloadTooLargeError(
+                f"this request is {pixel_passes} pixels of work (padded pixels x encoder/decoder passes), over the "
+                f"server's cap of {cap}: send fewer or smaller images"
+            )
+        timeout = self.settings.request_timeout_s
+        seconds = self.engine.estimate_seconds(entry.id, precision, pixel_passes)
+        if seconds is not None and seconds > timeout:
+            raise PayloadTooLargeError(
+                f"this request would take about {seconds:.0f} s of computing with {entry.id!r} on this server, over "
+                f"its timeout of {timeout:g} s: send fewer or smaller images"
+            )
+        self.scheduler.check_room()
+
     async def run(
-        self, op: str, entry: CatalogEntry, precision: str, tiling: str, item: object, shape: tuple[int, ...]
+        self,
+        op: str,
+        entry: CatalogEntry,
+        precision: str,
+        tiling: str,
+        item: object,
+        shape: tuple[int, ...],
+        request: Request | None = None,
+        admitted: bool = False,
     ) -> WorkResult:
-        """Queue one item of work for the worker and wait for its result."""
+        """Queue one item of work for the worker and wait for its result.
+
+        With ``request``, the client's connection is watched while it waits: when the client goes away the job is
+        abandoned (taken out of the queue, or its running batch stopped) and ClientDisconnect is raised.
+        ``admitted`` marks the later items of a request that already passed admission (see the scheduler).
+        """
         key = WorkKey(op, entry.id, precision, tiling, shape)
-        return await self.scheduler.submit(key, item)
+        task = asyncio.ensure_future(self.scheduler.submit(key, item, admitted=admitted))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    return task.result()
+                if request is not None and await request.is_disconnected():
+                    raise ClientDisconnect
+        finally:
+            if not task.done():
+                task.cancel()  # the scheduler abandons the job
 
     def select(self, entry: CatalogEntry) -> None:
         """Make ``entry`` the VAE used when a request names none."""
@@ -77,7 +123,7 @@ def build_state(settings: ServerSettings, tmpdir: Path) -> ServerState:
     device = choose_device(settings.device)
     catalog = Catalog(settings.library, include_bundled=settings.include_bundled)
     models = ModelCache(catalog, device=str(device), max_bytes=settings.model_memory_bytes)
-    engine = Engine(models, device)
+    engine = Engine(models, device, max_pixels=settings.max_pixels)
     scheduler = BatchScheduler(
         engine.run,  # type: ignore[arg-type]
         max_queue=settings.max_queue,
