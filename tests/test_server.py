@@ -129,14 +129,12 @@ def client(server: str) -> Iterator[httpx.Client]:
 @contextmanager
 def threaded_server(**changes: object) -> Iterator[tuple[str, object]]:
     """A uvicorn server in a thread with custom settings; yields (url, asgi app)."""
-    import uvicorn
-
-    from vaekit.interfaces.server import ServerSettings, create_app
+    from vaekit.interfaces.server import ServerSettings, create_app, make_server
 
     port = free_port()
     settings = ServerSettings(port=port, include_bundled=False, default_vae="small-sd1").replace(**changes)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -22,7 +24,7 @@ from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server.catalog import UnknownVAEError
 from vaekit.interfaces.server.payloads import PayloadTooLargeError, UnsupportedFormatError
 from vaekit.interfaces.server.routes import router
-from vaekit.interfaces.server.scheduler import QueueFullError, RequestTimeoutError
+from vaekit.interfaces.server.scheduler import QueueFullError, RequestTimeoutError, ShuttingDownError
 from vaekit.interfaces.server.security import BodyTooLarge, GuardMiddleware
 from vaekit.interfaces.server.settings import ServerSettings, is_loopback
 from vaekit.interfaces.server.state import ServerState, build_state
@@ -42,7 +44,7 @@ def _status_for(exc: VaekitError) -> int:
         return 415
     if isinstance(exc, UnknownVAEError):
         return 404
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | ShuttingDownError):
         return 503
     if isinstance(exc, RequestTimeoutError):
         return 504
@@ -141,3 +143,17 @@ def create_app(settings: ServerSettings | None = None) -> GuardMiddleware:
 def server_state(app: GuardMiddleware) -> ServerState:
     """The state behind an app made by :func:`create_app` (for tests and embedding)."""
     return app.app.state.vaekit  # type: ignore[attr-defined]
+
+
+def make_server(
+    app: GuardMiddleware, host: str, port: int, log_level: str = "info", access_log: bool = False
+) -> uvicorn.Server:
+    """A uvicorn server for ``app`` whose shutdown (SIGTERM, Ctrl-C) first stops the work in progress and answers
+    the queued requests with 503, so it does not wait for a long batch to finish."""
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            server_state(app).scheduler.stop(wait=False)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -448,14 +449,24 @@ async def interpolate(
     img_b = match_size(img_a, img_b, resize)
     shape = tuple(img_a.shape)
     state.admit(entry, prec, _work(img_a, 2 + steps))  # two encodes, then one decode per frame
+    state.check_stream_room()
     enc_a, enc_b = await asyncio.gather(
         *(state.run("encode", entry, prec, tile, im, shape, request) for im in (img_a, img_b))
     )
     frames = interpolate_latents(enc_a.latent, enc_b.latent, steps, method)  # type: ignore[arg-type]
     started = time.perf_counter()
-    window = max(1, state.settings.max_batch)  # a stream's fair share of the queue: one batch of frames at a time
+    window = state.stream_window  # a stream's fair share of the queue: one batch of frames at a time
 
     async def events() -> AsyncIterator[bytes]:
+        state.streams += 1
+        try:
+            async with contextlib.aclosing(frame_events()) as inner:
+                async for event in inner:
+                    yield event
+        finally:
+            state.streams -= 1
+
+    async def frame_events() -> AsyncIterator[bytes]:
         yield _event({"event": "start", "total": steps, "vae": entry.id, "latent_shape": list(frames.shape[1:])})
 
         async def frame(i: int) -> tuple[int, WorkResult]:
@@ -471,7 +482,7 @@ async def interpolate(
                     pending.add(asyncio.ensure_future(frame(next_frame)))
                     next_frame += 1
                 finished, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                if not finished and await request.is_disconnected():
+                if await request.is_disconnected():
                     return  # the client went away: the finally clause abandons its frames
                 for task in finished:
                     i, result = task.result()

@@ -52,12 +52,17 @@ class RequestTimeoutError(VaekitError):
     """A request waited or ran longer than the per-request timeout."""
 
 
+class ShuttingDownError(VaekitError):
+    """The server is stopping: work in progress or queued is dropped (503)."""
+
+
 @dataclass(eq=False)
 class _Job:
     key: Hashable
     item: Any
     future: asyncio.Future[Any]
     loop: asyncio.AbstractEventLoop
+    admitted: bool = False  # continues a request admitted earlier (a stream's frames): not counted against max_queue
     enqueued: float = field(default_factory=time.monotonic)
     abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -121,16 +126,18 @@ class BatchScheduler:
         self._thread = threading.Thread(target=self._work, name="vaekit-worker", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
         """Stop the worker (a running batch stops at its next module call); waiting requests fail with a clear
-        error."""
+        error. ``wait``: join the worker thread."""
         with self._cond:
             self._running = False
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
         for job in pending:
-            job.loop.call_soon_threadsafe(_deliver, job.future, None, VaekitError("the server is shutting down"))
+            job.loop.call_soon_threadsafe(_deliver, job.future, None, ShuttingDownError("the server is shutting down"))
+        if not wait:
+            return
         if self._thread is not None:
             self._thread.join(timeout=30)
         if self._hook is not None:
@@ -146,22 +153,24 @@ class BatchScheduler:
     def check_room(self) -> None:
         """Raise QueueFullError when a new request would find the queue full (admission before any work)."""
         with self._cond:
-            if len(self._queue) >= self.max_queue:
+            fresh = sum(1 for j in self._queue if not j.admitted)
+            if fresh >= self.max_queue:
                 self.stats.rejected += 1
                 wait = len(self._queue) * max(self.stats.seconds_per_item, 0.05)
                 raise QueueFullError(
-                    f"the server is busy ({len(self._queue)} requests queued); retry later", max(1, math.ceil(wait))
+                    f"the server is busy ({fresh} requests queued); retry later", max(1, math.ceil(wait))
                 )
 
     async def submit(self, key: Hashable, item: Any, admitted: bool = False) -> Any:
         """Queue one item of work and wait for its result (raises QueueFullError, RequestTimeoutError).
 
         ``admitted``: the item continues a request that already passed admission (a stream's next frames); it is
-        queued even when the queue is full, so a stream that got its 200 is never refused half-way.
+        queued even when the queue is full and does not count against ``max_queue``, so a stream that got its 200
+        is never refused half-way and streams (each with a bounded window of frames) cannot fill the queue.
         Cancelling the waiting task abandons the job: it leaves the queue, or its batch stops if nobody else waits.
         """
         loop = asyncio.get_running_loop()
-        job = _Job(key, item, loop.create_future(), loop)
+        job = _Job(key, item, loop.create_future(), loop, admitted)
         with self._cond:
             if not self._running:
                 raise VaekitError("the server is not running its worker")
@@ -233,7 +242,7 @@ class BatchScheduler:
         except JobCancelled:
             with self._cond:
                 self.stats.stopped_batches += 1
-            error = None if self._running else VaekitError("the server is shutting down")
+            error = None if self._running else ShuttingDownError("the server is shutting down")
             for job in jobs:
                 job.loop.call_soon_threadsafe(_deliver, job.future, None, error or RequestTimeoutError("abandoned"))
             return

@@ -16,7 +16,7 @@ from vaekit.interfaces.server.catalog import Catalog, CatalogEntry
 from vaekit.interfaces.server.engine import Engine, WorkKey, WorkResult
 from vaekit.interfaces.server.model_cache import ModelCache
 from vaekit.interfaces.server.payloads import PayloadTooLargeError
-from vaekit.interfaces.server.scheduler import BatchScheduler
+from vaekit.interfaces.server.scheduler import BatchScheduler, QueueFullError
 from vaekit.interfaces.server.settings import ServerSettings
 from vaekit.ops.pipeline import TILING_MODES
 from vaekit.ops.precision import parse_precision
@@ -37,6 +37,7 @@ class ServerState:
     device: torch.device
     selected: str | None = None
     started: float = field(default_factory=time.time)
+    streams: int = 0  # interpolation streams in progress
     _select_lock: threading.Lock = field(default_factory=threading.Lock)
 
     # --- options of a request ----------------------------------------------------------------------------------
@@ -109,6 +110,22 @@ class ServerState:
         finally:
             if not task.done():
                 task.cancel()  # the scheduler abandons the job
+
+    @property
+    def stream_window(self) -> int:
+        """Frames one stream may have queued or running at a time: its fair share, one batch."""
+        return max(1, self.settings.max_batch)
+
+    @property
+    def max_streams(self) -> int:
+        """Streams served at once: their windows together fill at most half of ``max_queue``."""
+        return max(2, self.settings.max_queue // (2 * self.stream_window))
+
+    def check_stream_room(self) -> None:
+        """QueueFullError when ``max_streams`` streams are in progress (a stream counts itself while it runs)."""
+        if self.streams >= self.max_streams:
+            self.scheduler.stats.rejected += 1
+            raise QueueFullError(f"the server is busy ({self.streams} interpolations in progress); retry later", 5)
 
     def select(self, entry: CatalogEntry) -> None:
         """Make ``entry`` the VAE used when a request names none."""
