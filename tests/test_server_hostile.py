@@ -303,3 +303,17 @@ def test_long_streams_leave_room_for_other_clients(library: Path, isolated_env: 
             assert events[-1]["event"] == "done"
             assert len([e for e in events if e["event"] == "frame"]) == events[0]["total"]
         assert state.streams == 0 and state.scheduler.queued == 0
+
+
+def test_compare_tie_has_no_winner(library: Path, isolated_env: None, tmp_path: Path) -> None:  # noqa: F811
+    import shutil
+
+    twins = tmp_path / "twins"
+    twins.mkdir()
+    for name in ("first", "second"):  # identical weights under two names
+        shutil.copy(library / "small-taesd.safetensors", twins / f"{name}.safetensors")
+    with threaded_server(library=twins, default_vae="first") as (url, _):
+        r = httpx.post(f"{url}/compare", params={"vaes": "first,second"}, content=png_bytes(photo(32, 32)), timeout=60)
+        data = r.json()
+        assert r.status_code == 200 and data["best"] is None and sorted(data["tied"]) == ["first", "second"]
+        assert data["results"][0]["psnr"] == data["results"][1]["psnr"]
