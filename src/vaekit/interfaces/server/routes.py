@@ -112,6 +112,15 @@ async def health(request: Request) -> dict[str, Any]:
         "loaded": [vars(m) for m in state.models.loaded()],
         "stats": vars(st) | {"forward_calls": state.engine.forward_calls, "model_loads": state.models.loads},
         "uptime_s": round(time.time() - state.started, 3),
+        "limits": {
+            "max_pixels": state.settings.max_pixels,
+            "max_request_pixels": state.settings.request_pixels,
+            "max_body_bytes": state.settings.max_body_bytes,
+            "max_batch_items": state.settings.max_batch_items,
+            "max_interpolation_steps": state.settings.max_interpolation_steps,
+            "request_timeout_s": state.settings.request_timeout_s,
+        },
+        "streams": state.streams,
     }
 
 
