@@ -21,7 +21,7 @@ from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server import payloads
 from vaekit.interfaces.server.catalog import CatalogEntry
 from vaekit.interfaces.server.engine import DecodeItem, WorkResult, padded
-from vaekit.interfaces.server.state import ServerState
+from vaekit.interfaces.server.state import ServerState, disconnect_watch
 from vaekit.interfaces.server.views import channel_images, difference_image, headline_metrics, image_metrics
 from vaekit.latent.interpolation import METHODS, interpolate_latents, match_size
 
@@ -483,16 +483,18 @@ async def interpolate(
             result = await state.run("decode", entry, prec, tile, item, tuple(frames.shape[1:]), admitted=True)
             return i, result
 
-        pending: set[asyncio.Future[tuple[int, WorkResult]]] = set()
+        pending: set[asyncio.Future[Any]] = set()
+        gone = disconnect_watch(request)
         next_frame = done = 0
         try:
             while done < steps:
                 while next_frame < steps and len(pending) < window:  # the stream's next frames join the queue's end
                     pending.add(asyncio.ensure_future(frame(next_frame)))
                     next_frame += 1
-                finished, pending = await asyncio.wait(pending, timeout=0.25, return_when=asyncio.FIRST_COMPLETED)
-                if await request.is_disconnected():
+                finished, _ = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in finished:
                     return  # the client went away: the finally clause abandons its frames
+                pending -= finished
                 for task in finished:
                     i, result = task.result()
                     done += 1

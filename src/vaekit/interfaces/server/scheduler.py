@@ -26,7 +26,7 @@ import torch
 from vaekit.errors import VaekitError
 
 GroupRunner = Callable[[Hashable, Sequence[Any]], Sequence[Any]]
-_worker = threading.local()  # the running batch's "stop now?" check, on the worker thread only
+_worker = threading.local()  # the running batch's "stop now" event, on the worker thread only
 
 
 class JobCancelled(BaseException):  # noqa: N818 - a BaseException so that no `except Exception` retry swallows it
@@ -35,8 +35,8 @@ class JobCancelled(BaseException):  # noqa: N818 - a BaseException so that no `e
 
 def _check_cancelled(module: torch.nn.Module, args: Any) -> None:
     """Global forward pre-hook: stop the worker's batch when nobody waits for it any more."""
-    should_stop = getattr(_worker, "should_stop", None)
-    if should_stop is not None and should_stop():
+    stop = getattr(_worker, "stop", None)  # one attribute read per module call on other threads: cheap
+    if stop is not None and stop.is_set():
         raise JobCancelled
 
 
@@ -114,6 +114,8 @@ class BatchScheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self._hook: Any = None
+        self._running_jobs: list[_Job] = []  # the batch on the worker now
+        self._stop_batch = threading.Event()  # set when nobody waits for that batch any more, or at shutdown
 
     # --- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -131,6 +133,7 @@ class BatchScheduler:
         error. ``wait``: join the worker thread."""
         with self._cond:
             self._running = False
+            self._stop_batch.set()
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
@@ -194,6 +197,8 @@ class BatchScheduler:
                 return
             job.abandoned.set()
             self.stats.cancelled += 1
+            if job in self._running_jobs and all(j.abandoned.is_set() for j in self._running_jobs):
+                self._stop_batch.set()
             try:
                 self._queue.remove(job)
             except ValueError:  # already taken by the worker: its batch checks ``abandoned``
@@ -228,12 +233,15 @@ class BatchScheduler:
             if live:
                 self._run(live)
 
-    def _should_stop(self, jobs: list[_Job]) -> bool:
-        return not self._running or all(j.abandoned.is_set() for j in jobs)
-
     def _run(self, jobs: list[_Job]) -> None:
         start = time.monotonic()
-        _worker.should_stop = lambda: self._should_stop(jobs)
+        with self._cond:
+            self._running_jobs = jobs
+            if not self._running or all(j.abandoned.is_set() for j in jobs):
+                self._stop_batch.set()
+            else:
+                self._stop_batch.clear()
+        _worker.stop = self._stop_batch
         try:
             results = list(self.run_group(jobs[0].key, [j.item for j in jobs]))
             if len(results) != len(jobs):
@@ -255,7 +263,9 @@ class BatchScheduler:
                 return
             outcomes = [(None, e)] * len(jobs)
         finally:
-            _worker.should_stop = None
+            _worker.stop = None
+            with self._cond:
+                self._running_jobs = []
         elapsed = time.monotonic() - start
         with self._cond:
             st = self.stats

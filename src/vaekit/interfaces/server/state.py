@@ -21,7 +21,20 @@ from vaekit.interfaces.server.settings import ServerSettings
 from vaekit.ops.pipeline import TILING_MODES
 from vaekit.ops.precision import parse_precision
 
-DISCONNECT_POLL_S = 0.25  # how often a waiting request checks that its client is still connected
+
+async def _until_disconnect(request: Request) -> None:
+    """Return when the client of ``request`` (whose body was read) disconnects, or its response is complete."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def disconnect_watch(request: Request) -> asyncio.Future[None]:
+    """One task per request that completes when its client goes away (no polling: the server wakes it)."""
+    watch = getattr(request.state, "vaekit_disconnect", None)
+    if watch is None:
+        watch = asyncio.ensure_future(_until_disconnect(request))
+        request.state.vaekit_disconnect = watch
+    return watch
 
 
 @dataclass
@@ -101,12 +114,12 @@ class ServerState:
         key = WorkKey(op, entry.id, precision, tiling, shape)
         task = asyncio.ensure_future(self.scheduler.submit(key, item, admitted=admitted))
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if done:
-                    return task.result()
-                if request is not None and await request.is_disconnected():
-                    raise ClientDisconnect
+            if request is None:
+                return await task
+            await asyncio.wait({task, disconnect_watch(request)}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
+                return task.result()
+            raise ClientDisconnect
         finally:
             if not task.done():
                 task.cancel()  # the scheduler abandons the job
