@@ -317,3 +317,22 @@ def test_compare_tie_has_no_winner(library: Path, isolated_env: None, tmp_path: 
         data = r.json()
         assert r.status_code == 200 and data["best"] is None and sorted(data["tied"]) == ["first", "second"]
         assert data["results"][0]["psnr"] == data["results"][1]["psnr"]
+
+
+def test_a_stream_whose_client_leaves_abandons_its_frames(library: Path, isolated_env: None) -> None:  # noqa: F811
+    a, b = png_bytes(photo(32, 32, seed=70)), png_bytes(photo(32, 32, seed=71))
+    with threaded_server(library=library, max_batch=2) as (url, app):
+        state = server_state(app)  # type: ignore[arg-type]
+        stats = state.scheduler.stats
+        with slow_worker(0.01) as calls:  # each frame's decode takes ~0.5 s
+            with httpx.Client(base_url=url, timeout=60) as c:
+                with c.stream("POST", "/interpolate", params={"steps": 32}, files={"a": a, "b": b}) as r:
+                    lines = r.iter_lines()
+                    assert json.loads(next(lines))["event"] == "start"
+                    assert json.loads(next(lines))["event"] == "frame"
+                # the client closed the stream after one frame
+            wait_for(lambda: state.streams == 0 and state.scheduler.queued == 0)
+            stopped = calls[0]
+            time.sleep(1.0)
+            assert calls[0] == stopped  # nothing more was decoded for it
+        assert stats.completed < 2 + 32 and stats.cancelled >= 1
