@@ -335,4 +335,5 @@ def test_a_stream_whose_client_leaves_abandons_its_frames(library: Path, isolate
             stopped = calls[0]
             time.sleep(1.0)
             assert calls[0] == stopped  # nothing more was decoded for it
-        assert stats.completed < 2 + 32 and stats.cancelled >= 1
+        # two encodes, then at most the frames already in its window when it left: far from the 32 it asked for
+        assert stats.submitted <= 2 + 3 * state.stream_window and stats.completed + stats.cancelled == stats.submitted
