@@ -18,7 +18,7 @@ from vaekit.interfaces.server.model_cache import ModelCache
 from vaekit.interfaces.server.payloads import PayloadTooLargeError
 from vaekit.interfaces.server.scheduler import BatchScheduler, QueueFullError
 from vaekit.interfaces.server.settings import ServerSettings
-from vaekit.ops.pipeline import TILING_MODES
+from vaekit.ops.codec import TILING_MODES
 from vaekit.ops.precision import parse_precision
 
 
