@@ -1,6 +1,6 @@
 """The HTTP API fuzzed from its own OpenAPI schema with Schemathesis: every operation gets generated requests (valid
 and invalid parameters, bodies of random bytes in each declared media type), and no answer may be a 5xx, none may
-hang, and the server must be healthy afterwards. Loopback only, ten examples per operation and mode, each request
+hang, and the server must be healthy afterwards. Loopback only, five examples per operation and mode, each request
 with a deadline."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from tests.test_server import library, threaded_server  # noqa: F401  (library i
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed (the test extra has it)")
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402  (hypothesis comes with schemathesis)
 
-EXAMPLES = 10  # per operation and mode
+EXAMPLES = 5  # per operation and mode: a few dozen requests in all
 REQUEST_DEADLINE_S = 30.0  # any single answer slower than this counts as a hang
 BINARY_MEDIA = ("image/png", "image/jpeg", "image/webp", "application/vnd.safetensors")
 
@@ -96,7 +96,7 @@ def test_api_fuzz_no_5xx_no_hang(fuzz_server: str, mode: str) -> None:
             fuzz()
         except Unsatisfiable:  # nothing to make invalid (an operation without parameters or body)
             assert mode == "negative", operation.label
-    assert calls >= len(operations) * 5
+    assert calls >= len(operations) * 3
     assert failures == [], "\n".join(failures[:20])
 
 
