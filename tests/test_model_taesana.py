@@ -139,3 +139,35 @@ def test_meta_build_and_facts() -> None:
     decoder_only = taesana.TAESana(dataclasses.replace(SMALL, has_encoder=False))
     with pytest.raises(BadInputError, match="no encoder"):
         decoder_only.encode(torch.zeros(1, 3, 32, 32))
+
+
+def test_halo_tiles_are_exact() -> None:
+    """A region with TILING_HALO latent cells of context on each side gives the whole image's core (no global part)."""
+    assert taesana.GLOBAL_PART == ""
+    torch.manual_seed(0)
+    model = taesana.TAESana(dataclasses.replace(SMALL, width=8, stem_widths=(8, 8))).double().eval()
+    he, hd = taesana.TILING_HALO["encode"], taesana.TILING_HALO["decode"]
+    cells = 2 * max(he, hd) + 3
+    with torch.no_grad():
+        images = torch.rand(1, 3, 32, 32 * cells, dtype=torch.float64)
+        whole = model.encode(images)
+        c = cells // 2
+        region = model.encode(images[..., (c - he) * 32 : (c + 1 + he) * 32])
+        assert (region[..., he] - whole[..., c]).abs().max() < 1e-12
+        z = torch.randn(1, 32, 1, cells, dtype=torch.float64)
+        whole = model.decode(z)
+        region = model.decode(z[..., c - hd : c + 1 + hd])
+        core = region[..., hd * 32 : (hd + 1) * 32]
+        assert (core - whole[..., c * 32 : (c + 1) * 32]).abs().max() < 1e-12
+
+
+def test_no_diffusers_layout() -> None:
+    assert taesana.DIFFUSERS_CLASS is None and taesana.DIFFUSERS_KEYS == []
+    for call in (
+        lambda: taesana.from_diffusers({}),
+        lambda: taesana.to_diffusers({}),
+        lambda: taesana.diffusers_config(SMALL),
+        lambda: taesana.config_from_diffusers({}),
+    ):
+        with pytest.raises(LoadError, match="no diffusers layout"):
+            call()

@@ -14,9 +14,9 @@ Facts (for tiling and precision):
   the sums of v k^T over every position), so both encoder and decoder are global: tiling cannot be exact with halos
   (it could be with one statistics pass per attention layer, since the global state is a small (33, 32) matrix per
   head). Below 33 positions the same maths runs in its quadratic form, as the reference does.
-- Local receptive field per side, attention aside: encoder 596 input pixels (about 19 latent cells), decoder
-  610 output pixels (about 19 latent cells); each EfficientViT block adds a 5x5 depthwise branch on q/k/v and a 3x3
-  depthwise conv.
+- Local receptive field per side, attention aside (measured; = the sum of kernel reach x stride): encoder 596 input
+  pixels (18.6 latent cells), decoder 610 output pixels (19.1 latent cells); each EfficientViT block adds a 5x5
+  depthwise branch on q/k/v and a 3x3 depthwise conv.
 - Images in [0, 1] map to the network's [-1, 1] inside :meth:`DCAE.encode` / :meth:`DCAE.decode`.
 """
 
@@ -80,6 +80,13 @@ MARKER_KEYS: tuple[str, ...] = (
     "decoder.project_in.main.conv.weight",
     "decoder.project_out.op_list.2.conv.weight",
 )
+
+
+# For ops/tiling's region tiles: the part that reads the whole image (exact tiling refused), and the halo in latent
+# cells that covers the local receptive field per side (encoder 596 input px, decoder 610 output px; measured with
+# forward-mode derivatives on the real depths, attention replaced by a local stand-in).
+GLOBAL_PART = "linear attention"
+TILING_HALO: dict[str, int] = {"encode": 19, "decode": 20}
 
 
 def normaliser_spec(cfg: DCAEConfig) -> dict[str, Any]:
@@ -512,6 +519,7 @@ for _ours, _theirs in (("encoder.stages", "encoder.down_blocks"), ("decoder.stag
         # encoder: the stride-2 conv of a down block; decoder: the conv of an up block (nearest x2 + conv)
         (_b + ("main.conv." if _ours.startswith("encoder") else "main.conv.conv."), _d + "conv."),
     ]
+DIFFUSERS_CLASS: str | None = "AutoencoderDC"
 QKV = ("context_module.main.qkv.conv.weight", ("attn.to_q.weight", "attn.to_k.weight", "attn.to_v.weight"))
 PROJ = ("context_module.main.proj.conv.weight", "attn.to_out.weight")
 

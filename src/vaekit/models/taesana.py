@@ -73,6 +73,12 @@ PRESETS: dict[str, TAESanaConfig] = {"taesana": TAESanaConfig()}
 MARKER_KEYS: tuple[str, ...] = ("encoder.0.bias", "encoder.2.bias", "encoder.4.conv.0.weight")
 
 
+# For ops/tiling's region tiles: nothing global, and the halo in latent cells covering the receptive field per side
+# (encoder 579 input px, decoder 625 output px), so region tiles with this halo are exact.
+GLOBAL_PART = ""
+TILING_HALO: dict[str, int] = {"encode": 19, "decode": 20}
+
+
 def normaliser_spec(cfg: TAESanaConfig) -> dict[str, Any]:
     """Identity: TAESana already reads and writes Sana's normalised latent (DC-AE raw x 0.41407)."""
     return {"kind": "scalar", "scale": 1.0, "shift": 0.0}
@@ -272,3 +278,31 @@ def with_part_prefix(sd: dict[str, Any], part: str) -> dict[str, Any]:
     if part not in ("encoder", "decoder"):
         raise ValueError("part is 'encoder' or 'decoder'")
     return {f"{part}.{k}": v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------- diffusers
+
+# diffusers has no TAESana: its AutoencoderTiny cannot express the stride-2 stem (nor the 256-channel decoder level).
+DIFFUSERS_KEYS: list[tuple[str, str]] = []
+DIFFUSERS_CLASS: str | None = None
+_NO_DIFFUSERS = "TAESana has no diffusers layout (diffusers' AutoencoderTiny cannot express its stride-2 stem)"
+
+
+def to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """No diffusers layout exists for TAESana: always a LoadError."""
+    raise LoadError(_NO_DIFFUSERS)
+
+
+def from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """No diffusers layout exists for TAESana: always a LoadError."""
+    raise LoadError(_NO_DIFFUSERS)
+
+
+def diffusers_config(cfg: TAESanaConfig) -> dict[str, Any]:
+    """No diffusers layout exists for TAESana: always a LoadError."""
+    raise LoadError(_NO_DIFFUSERS)
+
+
+def config_from_diffusers(dc: dict[str, Any]) -> TAESanaConfig:
+    """No diffusers layout exists for TAESana: always a LoadError."""
+    raise LoadError(_NO_DIFFUSERS)
