@@ -21,7 +21,7 @@ from torch import nn
 from vaekit import models
 from vaekit.errors import BadInputError
 from vaekit.formats.known_hashes import KNOWN_HASHES
-from vaekit.models import taef2
+from vaekit.models import qwenimage, taef2
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.normalisers import Normaliser, PatchBatchNorm, PerChannel, ScalarAffine, from_spec
 
@@ -221,6 +221,19 @@ FAMILIES: dict[str, Family] = {
             # BFL's FLUX.2 transformer has shared modulations that FLUX.1's double blocks lack.
             checkpoint_markers=("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img."),
             modelspec_words=("flux-2", "flux.2", "flux2"),
+        ),
+        Family(
+            "qwenimage",
+            "Qwen-Image (the Wan 2.1 VAE, single frames)",
+            raw_channels=16,
+            downscale=8,
+            normaliser="per_channel",
+            channel_mean=qwenimage.QWENIMAGE_LATENTS_MEAN,
+            channel_std=qwenimage.QWENIMAGE_LATENTS_STD,
+            presets={"qwenimage": qwenimage.PRESETS["qwenimage"]},
+            modelspec_words=("qwen-image",),
+            preview=(qwenimage.PREVIEW_RGB_FACTORS, qwenimage.PREVIEW_RGB_BIAS),
+            preview_source="ComfyUI comfy/latent_formats.py Wan21",
         ),
         Family(
             "custom",
