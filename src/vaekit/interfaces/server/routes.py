@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 
 import vaekit
+from vaekit import families
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server import payloads
 from vaekit.interfaces.server.catalog import CatalogEntry
@@ -26,7 +27,7 @@ from vaekit.interfaces.server.views import channel_images, difference_image, hea
 from vaekit.latent.interpolation import METHODS, interpolate_latents, match_size
 
 router = APIRouter()
-LATENT_DOWNSCALE = 8  # pixels per latent cell of every supported family; used to cap decoded sizes up front
+LATENT_DOWNSCALE = 8  # pixels per latent cell when a VAE's family does not say (the smallest of them all)
 log = logging.getLogger("vaekit.server")
 
 VaeQuery = Annotated[str | None, Query(description="VAE name, id or hash prefix from GET /vaes (default: selected)")]
@@ -82,14 +83,26 @@ def _headers(entry: CatalogEntry, result: WorkResult | None, started: float) -> 
     return headers
 
 
-async def _image_in(state: ServerState, data: bytes, what: str = "image") -> torch.Tensor:
+def downscale(*entries: CatalogEntry) -> int:
+    """Image pixels per latent cell, per side, of the entries' families (the largest): the multiple an image is
+    padded to, and what a latent decodes to. The worker checks again with each loaded VAE's own figure."""
+    out = LATENT_DOWNSCALE
+    for entry in entries:
+        try:
+            out = max(out, families.get(entry.entry.family).latent_downscale)
+        except VaekitError:  # a custom or unknown family: the smallest multiple, checked again by the worker
+            pass
+    return out
+
+
+async def _image_in(state: ServerState, data: bytes, multiple: int, what: str = "image") -> torch.Tensor:
     read = payloads.read_image
-    return await asyncio.to_thread(read, data, state.settings.max_pixels, state.tmpdir, what, LATENT_DOWNSCALE)
+    return await asyncio.to_thread(read, data, state.settings.max_pixels, state.tmpdir, what, multiple)
 
 
-def _work(image: torch.Tensor, passes: int) -> int:
+def _work(image: torch.Tensor, passes: int, multiple: int) -> int:
     """Padded pixels x forward passes of work on ``image`` (3, H, W)."""
-    return padded(int(image.shape[-2]), LATENT_DOWNSCALE) * padded(int(image.shape[-1]), LATENT_DOWNSCALE) * passes
+    return padded(int(image.shape[-2]), multiple) * padded(int(image.shape[-1]), multiple) * passes
 
 
 async def _encode_image_out(image: torch.Tensor, fmt: str) -> tuple[bytes, str]:
@@ -168,8 +181,8 @@ async def encode(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    state.admit(entry, prec, _work(image, 1))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 1, downscale(entry)))
     result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None and result.image_size is not None and result.padding is not None
     headers = _headers(entry, result, started)
@@ -221,10 +234,11 @@ def _check_latents(state: ServerState, entry: CatalogEntry, lat: payloads.Latent
             f"latents have {c} channels but the {entry.entry.family} VAE {entry.id!r} takes {want}: "
             "they were made by a VAE of another family"
         )
-    pixels = h * w * LATENT_DOWNSCALE**2
+    f = downscale(entry)
+    pixels = h * w * f**2
     if pixels > state.settings.max_pixels:
         raise payloads.PayloadTooLargeError(
-            f"latents of {w}x{h} decode to {w * LATENT_DOWNSCALE}x{h * LATENT_DOWNSCALE} = {pixels} pixels, over the "
+            f"latents of {w}x{h} decode to {w * f}x{h * f} = {pixels} pixels, over the "
             f"server's cap of {state.settings.max_pixels}"
         )
     if not bool(torch.isfinite(z).all()):
@@ -276,7 +290,7 @@ async def decode(
         for i in range(n)  # type: ignore[arg-type]
     ]
     shape = tuple(lat.latents.shape[1:])
-    state.admit(entry, prec, n * shape[-2] * shape[-1] * LATENT_DOWNSCALE**2)
+    state.admit(entry, prec, n * shape[-2] * shape[-1] * downscale(entry) ** 2)
     results = await asyncio.gather(*(state.run("decode", entry, prec, tile, it, shape, request) for it in items))
     headers = _headers(entry, results[0], started)
     if fmt == "raw":
@@ -304,8 +318,8 @@ async def roundtrip(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    state.admit(entry, prec, _work(image, 2))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 2, downscale(entry)))
     result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
     assert result.image is not None and result.latent is not None
     headers = _headers(entry, result, started)
@@ -369,10 +383,10 @@ async def compare(
     if len(entries) > 8:
         raise BadInputError(f"{len(entries)} VAEs in one comparison; the cap is 8")
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
     unique = list({e.id: e for e in entries}.values())
+    image = await _image_in(state, data, downscale(*unique))
     for entry in unique:
-        state.admit(entry, prec, _work(image, 2) * len(unique))
+        state.admit(entry, prec, _work(image, 2, downscale(*unique)) * len(unique))
 
     async def one(entry: CatalogEntry) -> dict[str, Any]:
         result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
@@ -413,8 +427,8 @@ async def latent_channels(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    state.admit(entry, prec, _work(image, 1))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 1, downscale(entry)))
     result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None
 
@@ -448,8 +462,8 @@ async def interpolate(
         raise BadInputError(f"unknown interpolation {method!r}: use slerp or lerp")
     entry = await state.entry(vae)
     data_a, data_b = await upload(request, "a", "b")
-    img_a = await _image_in(state, data_a, "image a")
-    img_b = await _image_in(state, data_b, "image b")
+    img_a = await _image_in(state, data_a, downscale(entry), "image a")
+    img_b = await _image_in(state, data_b, downscale(entry), "image b")
     if img_a.shape != img_b.shape and not resize:
         raise BadInputError(
             f"images a and b differ in size ({img_a.shape[2]}x{img_a.shape[1]} vs {img_b.shape[2]}x{img_b.shape[1]}): "
@@ -457,7 +471,7 @@ async def interpolate(
         )
     img_b = match_size(img_a, img_b, resize)
     shape = tuple(img_a.shape)
-    state.admit(entry, prec, _work(img_a, 2 + steps))  # two encodes, then one decode per frame
+    state.admit(entry, prec, _work(img_a, 2 + steps, downscale(entry)))  # two encodes, then one decode per frame
     state.check_stream_room()
     enc_a, enc_b = await asyncio.gather(
         *(state.run("encode", entry, prec, tile, im, shape, request) for im in (img_a, img_b))
