@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from vaekit.errors import BadInputError
-from vaekit.models.config import KLConfig
+from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 
 # Architectures for training from scratch. Factors start neutral (1, 0); the export calibrates them on the data.
-TRAIN_PRESETS: dict[str, KLConfig] = {
+TRAIN_PRESETS: dict[str, VAEConfig] = {
     "tiny": KLConfig(
         family="custom",
         base_channels=16,
@@ -52,6 +52,9 @@ TRAIN_PRESETS: dict[str, KLConfig] = {
         scaling_factor=1.0,
     ),
     "sd-size": KLConfig(family="custom", scaling_factor=1.0),
+    # The bundled default since issue 15: a TAESD-style autoencoder (plain convs and ReLUs, no normalisation)
+    # with 16 latent channels at downscale 8, width 48, started from a box-filter codec (vaekit.train.warm_init).
+    "tae16": TinyConfig(family="custom", latent_channels=16, width=48),
 }
 
 RECONSTRUCTION = ("l1", "mse")
