@@ -20,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vaekit.errors import BadInputError
-from vaekit.ops import codec, images
+from vaekit.formats import latent_file as codec
+from vaekit.ops import images
 from vaekit.ops.images import to_pil
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -43,10 +44,12 @@ class UnsupportedFormatError(BadInputError):
 SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image") -> torch.Tensor:
+def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image", multiple: int = 8) -> torch.Tensor:
     """Uploaded image bytes -> (3, H, W) float in [0, 1].
 
-    The format and size are checked from the header first (no pixel is decoded for a refused upload); then the
+    The format and size are checked from the header first (no pixel is decoded for a refused upload), and the size
+    that counts is the padded one: a VAE works on sides rounded up to its ``multiple``, so a 1-pixel-wide strip
+    costs as much as an 8-pixel-wide one and is capped as such. Then the
     bytes go through vaekit's own reader (EXIF orientation, 16-bit PNGs at full precision) from a file in the
     server's private temporary folder, removed at once. Alpha is dropped: the workbench shows RGB.
     """
@@ -65,6 +68,12 @@ def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image") 
         raise UnsupportedFormatError(f"{what}: unsupported image format {fmt}; send PNG, JPEG, WebP, BMP or TIFF")
     if w * h > max_pixels:
         raise PayloadTooLargeError(f"{what}: {w}x{h} is {w * h} pixels, over the server's cap of {max_pixels} pixels")
+    pw, ph = -(-w // multiple) * multiple, -(-h // multiple) * multiple
+    if pw * ph > max_pixels:
+        raise PayloadTooLargeError(
+            f"{what}: {w}x{h} is padded to {pw}x{ph} = {pw * ph} pixels for the VAE (sides are rounded up to a "
+            f"multiple of {multiple}), over the server's cap of {max_pixels} pixels"
+        )
     path = tmpdir / f"upload-{uuid.uuid4().hex}{SUFFIXES[str(fmt)]}"
     try:
         path.write_bytes(data)
@@ -226,7 +235,7 @@ def latents_file_bytes(
     padding: tuple[int, int, int, int],
     stem: str,
 ) -> bytes:
-    """A vaekit latent file (``vaekit.ops.codec`` layout and metadata) as bytes, built in the server's temp folder."""
+    """A vaekit latent file (``vaekit.formats.latent_file`` layout) as bytes, built in the server's temp folder."""
     path = tmpdir / f"{stem}.safetensors"
     try:
         codec.save_latents(path, latents, vae, image_size=image_size, padding=padding)  # type: ignore[arg-type]
