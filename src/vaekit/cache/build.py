@@ -336,7 +336,8 @@ def _run(
         raise BadInputError(f"{root}: this cache was built with {'; '.join(problems)}; pass --rebuild to start over")
     elif old != wanted:
         manifest.set_settings({**old, **{k: v for k, v in wanted.items() if k not in BINDING_SETTINGS}})
-    # 2. recovery: files the manifest does not know, shards it knows whose files are gone.
+    # 2. recovery: shards no image uses, files the manifest does not know, shards it knows whose files are gone.
+    remove_shards(folder, manifest.collect_garbage())
     known = manifest.shard_names()
     report.recovered += len(remove_orphans(folder, known))
     missing = {n for n in known if not (folder / n).is_file()}
