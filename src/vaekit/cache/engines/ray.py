@@ -245,6 +245,12 @@ def run_ray(
         use_gpu = vae.device.type == "cuda"
         if use_gpu and gpus == 0:
             raise VaekitError("the VAE is on a GPU but the Ray cluster has none; load it on the CPU (--device cpu)")
+        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if not use_gpu and biggest < settings.threads:
+            raise VaekitError(
+                f"--threads {settings.threads} needs nodes with {settings.threads} CPUs; the largest node of the Ray "
+                f"cluster has {biggest:g}"
+            )
         separate = use_gpu if separate_decode is None else separate_decode
         slots = gpus if use_gpu else max(1, cpus // settings.threads - (1 if separate else 0))
         n_actors = max(1, min(workers or slots, len(tasks)))
@@ -289,7 +295,9 @@ def run_ray(
                     if chunk is not None:
                         queue.appendleft(chunk)
 
-        while pending:
+        # Until every chunk is reported; actors that never start (more asked for than the cluster holds) are
+        # simply never given work.
+        while queue or any(chunk is not None for _, chunk in pending.values()):
             done, _ = ray.wait(list(pending), num_returns=1)
             ref = done[0]
             h, chunk = pending.pop(ref)
