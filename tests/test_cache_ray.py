@@ -174,8 +174,8 @@ def test_separate_decode_stage_gives_identical_latents(cluster: object, vae: VAE
         for r in [item] if isinstance(item, Failed) else item:
             local[r.key] = r
     stats = RayStats()
-    records = list(run_ray(vae, tasks, params, settings, tmp_path, "run", 4, workers=1, separate_decode=True,
-                           stats=stats))  # fmt: skip
+    runs = run_ray(vae, tasks, params, settings, tmp_path, "run", 4, workers=1, separate_decode=True, stats=stats)
+    records = [record for batch in runs for record in batch]
     assert all(isinstance(r, ShardRecord) for r in records)
     reader = ShardReader(tmp_path / "shards")
     seen: set[int] = set()

@@ -219,28 +219,31 @@ class _ShardWriter:
         self.committed += len(self.pending)
         self.pending.clear()
 
-    def commit(self, name: str, count: int, nbytes: int, rows: list[ImageRow], node: str = "") -> None:
-        """Commit a shard a worker wrote (Ray engine): checked to be in the cache folder, then its rows."""
-        path = self.folder / name
+    def commit(self, written: list[tuple[str, int, int, list[ImageRow], str]]) -> None:
+        """Commit shards workers wrote (Ray engine), ``(name, count, bytes, rows, node)`` each, in one transaction:
+        each is first checked to be in the cache folder with its size."""
+        for name, _, nbytes, _, node in written:
+            path = self.folder / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != nbytes:
+                where = f" on node {node[:12]}" if node else ""
+                raise VaekitError(
+                    f"{path}: a worker{where} wrote this shard but it is {'missing' if size < 0 else 'another size'}"
+                    f" here: the cache folder must be on storage shared by every node; the {self.committed} images "
+                    "committed so far are kept"
+                )
         try:
-            size = path.stat().st_size
-        except FileNotFoundError:
-            size = -1
-        if size != nbytes:
-            where = f" on node {node[:12]}" if node else ""
-            raise VaekitError(
-                f"{path}: a worker{where} wrote this shard but it is {'missing' if size < 0 else 'another size'} "
-                f"here: the cache folder must be on storage shared by every node; the {self.committed} images "
-                "committed so far are kept"
-            )
-        try:
-            garbage = self.manifest.commit_shard(name, count, nbytes, rows)
+            garbage = self.manifest.commit_shards([w[:4] for w in written])
         except BaseException:
-            path.unlink(missing_ok=True)  # never committed: not part of the cache
+            for w in written:  # never committed: not part of the cache
+                (self.folder / w[0]).unlink(missing_ok=True)
             raise
         remove_shards(self.folder, garbage)
-        self.shards += 1
-        self.committed += count
+        self.shards += len(written)
+        self.committed += sum(w[1] for w in written)
 
 
 def _hash_files(paths: list[Path]) -> dict[Path, str | OSError]:
@@ -503,13 +506,18 @@ def _run_ray(
     results = run_ray(vae, tasks, params, settings, writer.cache_dir, writer.run_id, writer.shard_size, workers,
                       address, stats=stats)  # fmt: skip
     try:
-        for rec in results:
-            for key, reason in rec.failed:
-                record_failure(Failed(key, reason))
-            if rec.name is not None:
-                rows = [row for i, entry in enumerate(rec.entries)
-                        for row in rows_for(Encoded(entry[0], rec.geometry(i), {}), rec.name, i)]  # fmt: skip
-                writer.commit(rec.name, len(rec.entries), rec.nbytes, rows, rec.node)
+        for batch in results:  # the records that arrived together: one manifest transaction for all their shards
+            written = []
+            for rec in batch:
+                for key, reason in rec.failed:
+                    record_failure(Failed(key, reason))
+                if rec.name is not None:
+                    rows = [row for i, entry in enumerate(rec.entries)
+                            for row in rows_for(Encoded(entry[0], rec.geometry(i), {}), rec.name, i)]  # fmt: skip
+                    written.append((rec.name, len(rec.entries), rec.nbytes, rows, rec.node))
+            if written:
+                writer.commit(written)
+            for rec in batch:
                 for entry in rec.entries:
                     count_encoded(entry[0])
             tick()

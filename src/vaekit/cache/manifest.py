@@ -235,13 +235,20 @@ class Manifest:
 
     def commit_shard(self, name: str, count: int, nbytes: int, rows: list[ImageRow]) -> list[str]:
         """Register a fully written shard and its image rows at once; returns shards left unreferenced."""
+        return self.commit_shards([(name, count, nbytes, rows)])
+
+    def commit_shards(self, shards: list[tuple[str, int, int, list[ImageRow]]]) -> list[str]:
+        """Register several fully written shards ``(name, count, bytes, rows)`` and their rows in one transaction
+        (one fsync for all); returns shards left unreferenced."""
         now = time.time()
-        for r in rows:
-            r.updated = now
         with self.transaction() as c:
-            c.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, count, nbytes, now))
-            touched = self._shards_of(c, [r.path for r in rows])
-            self._upsert(c, rows)
+            touched: set[str] = set()
+            for name, count, nbytes, rows in shards:
+                for r in rows:
+                    r.updated = now
+                c.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, count, nbytes, now))
+                touched |= self._shards_of(c, [r.path for r in rows])
+                self._upsert(c, rows)
             return self._collect_garbage(c, touched)
 
     def put_rows(self, rows: list[ImageRow]) -> list[str]:

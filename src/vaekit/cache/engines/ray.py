@@ -224,9 +224,10 @@ def run_ray(
     address: str | None = None,
     separate_decode: bool | None = None,
     stats: RayStats | None = None,
-) -> Iterator[ShardRecord]:
+) -> Iterator[list[ShardRecord]]:
     """Encode ``tasks`` on a Ray cluster (``address``) or a local Ray instance into shards ``{run_id}-*`` under
-    ``cache_dir``; yields one record per chunk as it arrives (commit each before the next).
+    ``cache_dir``; yields the records of the chunks that finished since the last yield (one per chunk), to be
+    committed before the next.
 
     ``workers`` is the number of encoder actors (default: one per GPU, else one per ``threads`` CPUs).
     ``separate_decode`` decodes in separate CPU tasks on the actor's node (the default on GPUs).
@@ -295,11 +296,8 @@ def run_ray(
                     if chunk is not None:
                         queue.appendleft(chunk)
 
-        # Until every chunk is reported; actors that never start (more asked for than the cluster holds) are
-        # simply never given work.
-        while queue or any(chunk is not None for _, chunk in pending.values()):
-            done, _ = ray.wait(list(pending), num_returns=1)
-            ref = done[0]
+        def handle(ref: Any) -> ShardRecord | None:
+            """One finished call: a record to commit, or None (an actor came up, or was lost and its work requeued)."""
             h, chunk = pending.pop(ref)
             try:
                 result = ray.get(ref)
@@ -315,7 +313,7 @@ def run_ray(
                     ) from None
                 for other in alive:
                     feed(other)
-                continue
+                return None
             except RayTaskError as e:
                 if isinstance(e.cause, OSError):  # writing the shard failed (full disk, no shared folder...)
                     raise OSError(e.cause.errno, e.cause.strerror or str(e.cause)) from None
@@ -323,13 +321,27 @@ def run_ray(
             if chunk is None:  # the actor is up: give it work
                 stats.nodes.add(str(result))
                 feed(h)
-                continue
+                return None
             busy[h] -= 1
             stats.chunks += 1
             stats.received_bytes += len(pickle.dumps(result))
             stats.worker_cpu_seconds += result.cpu_seconds
             feed(h)
-            yield result
+            return result
+
+        # Until every chunk is reported; actors that never start (more asked for than the cluster holds) are
+        # simply never given work.
+        while queue or any(chunk is not None for _, chunk in pending.values()):
+            ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)  # all that are ready now
+            batch = []
+            for ref in done:
+                if ref not in pending:  # dropped with an actor lost earlier in this batch
+                    continue
+                if (record := handle(ref)) is not None:
+                    batch.append(record)
+            if batch:
+                yield batch
     finally:
         for h in actors:
             ray.kill(h, no_restart=True)
