@@ -39,9 +39,9 @@ from PIL import Image
 from vaekit.cache import CacheReport, EncodeSettings, Preprocess, build_cache
 from vaekit.cache.encoding import Prepared, Task, deterministic, encode_group, prepare
 from vaekit.cache.manifest import ImageRow, Manifest
+from vaekit.families import preset
 from vaekit.formats.io import file_sha256
 from vaekit.models import build
-from vaekit.models.config import preset
 from vaekit.ops.images import builtin_image_paths
 from vaekit.vae import VAE, VAEOrigin, load_vae
 

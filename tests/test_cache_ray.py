@@ -33,8 +33,8 @@ from vaekit.cache.build import collect_images
 from vaekit.cache.encoding import Encoded, Failed, Task
 from vaekit.cache.engines.ray import DELAY_ENV, RayStats, ShardRecord
 from vaekit.cache.manifest import MANIFEST_NAME
+from vaekit.families import preset
 from vaekit.models import build
-from vaekit.models.config import preset
 from vaekit.vae import VAE, VAEOrigin, save_vae
 
 ray = pytest.importorskip("ray")

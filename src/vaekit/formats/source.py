@@ -44,6 +44,29 @@ class VAESource:
         """Safetensors metadata of the (first) file."""
         return self.files[0].metadata
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the VAE tensors in vaekit names, as :meth:`state_dict` would give them (nothing is read)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for f, wanted in self.file_key_maps():
+            out.update({ours: tuple(f.shapes[theirs]) for ours, theirs in wanted.items()})
+        foreign = self._foreign_diffusers()
+        if foreign is not None:  # convert on meta tensors: names and shapes only
+            metas = foreign.from_diffusers({k: torch.empty(s, device="meta") for k, s in out.items()})
+            return {k: tuple(v.shape) for k, v in metas.items()}
+        from vaekit.formats.keymaps import KL_ATTENTION_WEIGHTS
+
+        return {k: (*s, 1, 1) if k in KL_ATTENTION_WEIGHTS and len(s) == 2 else s for k, s in out.items()}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Only the named VAE tensors (vaekit names), e.g. FLUX.2's BatchNorm statistics."""
+        out: dict[str, torch.Tensor] = {}
+        for f, wanted in self.file_key_maps():
+            mine = {ours: theirs for ours, theirs in wanted.items() if ours in names}
+            if mine:
+                loaded = f.load(list(mine.values()))
+                out.update({ours: loaded[theirs] for ours, theirs in mine.items()})
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The VAE tensors, renamed to vaekit (LDM / taesd) names; nothing else in a checkpoint is read."""
         det = self.detection
@@ -51,10 +74,21 @@ class VAESource:
         for f, wanted in self.file_key_maps():
             loaded = f.load(list(wanted.values()))
             out.update({ours: loaded[theirs] for ours, theirs in wanted.items()})
+        foreign = self._foreign_diffusers()
+        if foreign is not None:
+            return foreign.from_diffusers(out)
         if det.layout in ("diffusers", "taesd-diffusers"):
             # key_map already names our keys; only the attention weights need reshaping.
             out = diffusers_to_ldm_shapes(out)
         return out
+
+    def _foreign_diffusers(self) -> Any:
+        """The architecture module that converts this file's diffusers names, when it needs one."""
+        from vaekit import models
+
+        if self.detection.layout != "diffusers":
+            return None
+        return models.FOREIGN.get(self.detection.config.kind)
 
 
 def diffusers_to_ldm_shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -127,7 +161,8 @@ def _open_parts(paths: list[Path], family: str | None) -> VAESource:
         )
     import dataclasses
 
-    cfg = dataclasses.replace(d_cfg, encoder_blocks=e_cfg.encoder_blocks, in_channels=e_cfg.in_channels)
+    both = {"has_encoder": True, "has_decoder": True} if hasattr(d_cfg, "has_encoder") else {}
+    cfg = dataclasses.replace(d_cfg, encoder_blocks=e_cfg.encoder_blocks, in_channels=e_cfg.in_channels, **both)
     det = dataclasses.replace(
         dec.detection,
         config=cfg,
