@@ -16,18 +16,22 @@ def test_every_preset_forward_and_backward(name: str) -> None:
     cfg = small_config(name)
     torch.manual_seed(0)
     model = build(cfg)
-    x = torch.rand(2, 3, 32, 48, requires_grad=True)
-    if cfg.kind == "kl":
+    f = cfg.downscale
+    x = torch.rand(2, 3, 4 * f, 6 * f, requires_grad=True)
+    if cfg.gaussian:
         mean, logvar = model.encode(x)
         assert mean.shape == logvar.shape == (2, cfg.latent_channels, 4, 6)
         out = model.decode(mean)
     else:
         z = model.encode(x)
         assert z.shape == (2, cfg.latent_channels, 4, 6)
+        if not getattr(cfg, "has_decoder", True):  # TAESana: only its encoder is published
+            return
         out = model.decode(z)
     assert out.shape == x.shape
     out.square().mean().backward()
-    grads = [p.grad for p in model.parameters()]
+    # Qwen-Image's temporal resamplers (time_conv) never act on a single frame: their weights are loaded, not used.
+    grads = [p.grad for n, p in model.named_parameters() if ".time_conv." not in n]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert x.grad is not None and x.grad.abs().sum() > 0
 
