@@ -218,7 +218,13 @@ def test_config_dict_diffusers_config_and_normaliser() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"block_channels": (48, 96)}, {"latent_channels": 48}, {"block_channels": (32, 256)}, {"num_res_blocks": 0}],
+    [
+        {"block_channels": (48, 96)},
+        {"latent_channels": 48},
+        {"block_channels": (32, 256)},
+        {"block_channels": (128,)},
+        {"num_res_blocks": 0},
+    ],
 )
 def test_invalid_configs_are_refused(change: dict) -> None:
     with pytest.raises(ValueError):

@@ -7,18 +7,19 @@ The encoder head adds its input averaged down to 2*z channels; the decoder stem 
 Resnets never change width (the resamplers do), so there is no ``nin_shortcut`` in the release.
 
 Parameter names are those of Tencent's ``vae/vae_2_1/pytorch_model.ckpt`` after its ``vae.`` prefix (Tencent's
-``hyimage/models/vae``; ComfyUI's ``comfy/ldm/hunyuan_video/vae.py`` uses the same names):
-``encoder.down.{i}.block.{j}``, ``encoder.down.{i}.downsample.conv``, ``{encoder,decoder}.mid.{block_1,attn_1,block_2}``, ``decoder.up.{i}.block.{j}``,
-``decoder.up.{i}.upsample.conv``. Unlike LDM, ``decoder.up.0`` is the LOWEST resolution (levels in the order run).
+``hyimage/models/vae``; ComfyUI's ``comfy/ldm/hunyuan_video/vae.py`` uses the same names; diffusers'
+``scripts/convert_hunyuan_image_to_diffusers.py`` maps them): ``encoder.down.{i}.block.{j}``,
+``encoder.down.{i}.downsample.conv``, ``{encoder,decoder}.mid.{block_1,attn_1,block_2}``,
+``decoder.up.{i}.block.{j}``, ``decoder.up.{i}.upsample.conv``. Unlike LDM, ``decoder.up.0`` is the LOWEST
+resolution (the levels are numbered in the order they run).
 
-Facts for tiling and precision (real width, measured or derived here):
-- Norms: GroupNorm(32 groups, eps 1e-6) before every conv pair, in the attention and before conv_out; its statistics
-  are over the whole image (global), never per position. No other norm.
-- Global parts: one single-head self-attention in each mid block, at 1/32 resolution (encoder and decoder).
-- Receptive field of the convolutions alone (ignoring the global GroupNorm/attention): encoder 317 px left/top and
-  346 px right/bottom of the 32x32 cell a latent cell covers (about 10-11 latent cells); decoder 13 latent cells on
-  each side of the cell that holds an output pixel (416 px).
-- Precision: see the report of issue 14 (random weights at the real width; the released weights were not available).
+Facts for tiling and precision:
+- Norms: GroupNorm(32 groups, eps 1e-6) before each resnet conv, in the attention and before each conv_out; its
+  statistics are over the whole image (global), never per position. No other norm.
+- Global: one single-head self-attention in each mid block, at 1/32 resolution (encoder and decoder).
+- Receptive field of the convolutions (GroupNorm and attention aside), per side: the encoder's latent cell sees
+  444 px beyond the 32x32 block it covers; an output pixel of the decoder sees 601 px = 19 latent cells around it.
+- Precision: Tencent decodes under CUDA fp16 autocast; ComfyUI lists fp16, bf16 and fp32 as working dtypes.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ DIFFUSERS_CLASS = "AutoencoderKLHunyuanImage"
 
 @dataclass(frozen=True)
 class HunyuanImageConfig:
-    """Architecture of the HunyuanImage 2.1 VAE; the decoder mirrors ``block_channels`` (diffusers' block_out_channels)."""
+    """The HunyuanImage 2.1 VAE's shape; the decoder mirrors ``block_channels`` (diffusers' block_out_channels)."""
 
     family: str = "hunyuanimage"
     kind: str = "hunyuanimage"
@@ -88,11 +89,11 @@ class HunyuanImageConfig:
 
 def _config_problem(cfg: HunyuanImageConfig) -> str | None:
     ch, z = cfg.block_channels, cfg.latent_channels
-    if not ch or cfg.num_res_blocks < 1 or z < 1 or cfg.in_channels < 1 or cfg.out_channels < 1:
-        return "needs at least one level, one resnet per level and positive channel counts"
+    if len(ch) < 2 or cfg.num_res_blocks < 1 or z < 1 or cfg.in_channels < 1 or cfg.out_channels < 1:
+        return "needs at least two levels, one resnet per level and positive channel counts"
     if any(c % NORM_GROUPS for c in ch):
         return f"every block width must be a multiple of {NORM_GROUPS} (GroupNorm groups), got {list(ch)}"
-    if ch[-1] % (2 * z) or ch[-1] % z:
+    if ch[-1] % (2 * z):
         return f"the last width {ch[-1]} must be a multiple of 2 * latent_channels ({2 * z})"
     for a, b in zip(ch[:-1], ch[1:], strict=True):
         if b % 4 or (4 * a) % b or (4 * b) % a:
