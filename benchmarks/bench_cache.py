@@ -30,8 +30,8 @@ from PIL import Image
 
 from vaekit.cache import EncodeSettings, Preprocess, build_cache
 from vaekit.cache.encoding import Prepared, Task, deterministic, encode_group, prepare
+from vaekit.families import preset
 from vaekit.models import build
-from vaekit.models.config import preset
 from vaekit.ops.images import builtin_image_paths
 from vaekit.vae import VAE, VAEOrigin, load_vae
 

@@ -51,10 +51,10 @@ def _models(preset_name: str, seed: int) -> tuple[torch.nn.Module, object]:
     """A random diffusers AutoencoderKL and the vaekit VAE holding the very same weights."""
     from diffusers import AutoencoderKL as DiffusersKL
 
+    from vaekit.families import preset
     from vaekit.formats.convert import diffusers_to_ldm
     from vaekit.formats.export import diffusers_config
     from vaekit.models import build
-    from vaekit.models.config import preset
     from vaekit.vae import VAE, VAEOrigin
 
     cfg = preset(preset_name)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ablate", action="store_true", help="also time vaekit without channels-last / fast blocks")
     args = parser.parse_args(argv)
 
-    from vaekit.ops.pipeline import CodecOptions, decode, encode
+    from vaekit.ops.codec import CodecOptions, decode, encode
 
     torch.set_num_threads(args.threads)
     print(_env(args.threads))
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     fp32 = CodecOptions(precision="fp32", tiling="off")
     auto = CodecOptions(precision="auto", tiling="off")
     latents = encode(vae, image, fp32).latents
-    raw = vae.unscale(latents)
+    raw = vae.denormalise(latents)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     rows: list[tuple[str, float, float, str, str]] = []
 

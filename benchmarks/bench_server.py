@@ -50,8 +50,8 @@ def make_library(folder: Path) -> str:
     if weights.DEFAULT_VAE_PATH.is_file():
         os.symlink(weights.DEFAULT_VAE_PATH, folder / weights.DEFAULT_VAE_PATH.name)
         return weights.DEFAULT_VAE_PATH.stem
+    from vaekit.families import preset
     from vaekit.models import build
-    from vaekit.models.config import preset
     from vaekit.vae import VAE, VAEOrigin, save_vae
 
     cfg = dataclasses.replace(preset("sd1"), base_channels=32, channel_mult=(1, 2, 2, 2), num_res_blocks=1)

@@ -36,10 +36,10 @@ GB = 1 << 30
 
 def _models(base: int, seed: int, diffusers: bool) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """vaekit's AutoencoderKL and (optionally) a diffusers AutoencoderKL with the very same random weights."""
+    from vaekit.families import preset
     from vaekit.formats.convert import diffusers_to_ldm, ldm_to_diffusers
     from vaekit.formats.export import diffusers_config
     from vaekit.models import build
-    from vaekit.models.config import preset
 
     cfg = preset("sd1", base_channels=base, norm_groups=32 if base >= 32 else 8)
     torch.manual_seed(seed)

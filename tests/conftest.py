@@ -12,9 +12,10 @@ import torch
 os.environ.setdefault("VAEKIT_HOME", "")  # never read the developer's own VAE library during tests
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-from vaekit.models.config import VAEConfig, preset  # noqa: E402
+from vaekit.families import preset  # noqa: E402
+from vaekit.models.config import VAEConfig  # noqa: E402
 
-KL_PRESETS = ("sd1", "sdxl", "sd3", "flux")
+KL_PRESETS = ("sd1", "sdxl", "sd3", "flux", "flux2")
 TINY_PRESETS = ("taesd", "taesdxl", "taesd3", "taef1")
 
 
@@ -27,13 +28,14 @@ def small_config(name: str, **overrides: Any) -> VAEConfig:
 
 
 def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:
-    """A diffusers AutoencoderKL/AutoencoderTiny with the same architecture, randomly initialised (seeded)."""
-    from diffusers import AutoencoderKL, AutoencoderTiny
+    """The diffusers class of the same architecture (AutoencoderKL, AutoencoderKLFlux2, AutoencoderTiny), randomly
+    initialised (seeded); norms are perturbed and FLUX.2's BatchNorm gets random statistics."""
+    import diffusers
 
     from vaekit.formats.export import diffusers_config
 
     kwargs = diffusers_config(cfg)
-    cls = AutoencoderTiny if kwargs.pop("_class_name") == "AutoencoderTiny" else AutoencoderKL
+    cls = getattr(diffusers, kwargs.pop("_class_name"))
     torch.manual_seed(seed)
     model = cls(**kwargs).eval()
     # GroupNorm starts as the identity (weight 1, bias 0); perturb it so the parity test checks those weights too.
@@ -42,6 +44,10 @@ def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:
             if isinstance(m, torch.nn.GroupNorm):
                 m.weight.add_(torch.randn_like(m.weight) * 0.1)
                 m.bias.add_(torch.randn_like(m.bias) * 0.1)
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn_like(m.running_mean) * 0.5)
+                m.running_var.copy_(torch.rand_like(m.running_var) * 2 + 0.1)
+                m.num_batches_tracked.fill_(1234)
     return model
 
 

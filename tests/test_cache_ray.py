@@ -15,8 +15,8 @@ import vaekit.cache as vc
 from vaekit.cache import EncodeSettings, Preprocess, build_cache
 from vaekit.cache.build import collect_images
 from vaekit.cache.encoding import Encoded, Failed, Task
+from vaekit.families import preset
 from vaekit.models import build
-from vaekit.models.config import preset
 from vaekit.vae import VAE, VAEOrigin
 
 ray = pytest.importorskip("ray")

@@ -309,7 +309,7 @@ def test_encode_decode_roundtrip_files(tmp_path: Path, env: dict[str, str], caps
     data = json.loads(out)
     assert code == 0 and "broken.png" in err and "skipped" in err
     assert sorted(Path(r["output"]).name for r in data["items"]) == ["a.safetensors", "b.safetensors"]
-    from vaekit.ops.codec import load_latents
+    from vaekit.formats.latent_file import load_latents
 
     lf = load_latents(tmp_path / "lat" / "b.safetensors")
     assert lf.latents.shape == (1, 4, 2, 3) and lf.image_sizes == [(19, 13)] and lf.family == "sd1"
@@ -318,7 +318,7 @@ def test_encode_decode_roundtrip_files(tmp_path: Path, env: dict[str, str], caps
     assert Image.open(tmp_path / "dec" / "a.png").size == (40, 24)
     assert Image.open(tmp_path / "dec" / "b.png").size == (19, 13)
     # The CLI's decode gives exactly what the API gives.
-    from vaekit.ops import pipeline
+    from vaekit.ops import codec as pipeline
     from vaekit.vae import load_vae
 
     model = load_vae(vae)
@@ -411,7 +411,7 @@ def test_decoded_latent_file_has_same_tensors_as_api(tmp_path: Path, env: dict[s
                      "--precision", "fp32")  # fmt: skip
     assert code == 0
     stored = load_file(str(tmp_path / "l" / "p.safetensors"))
-    from vaekit.ops import pipeline
+    from vaekit.ops import codec as pipeline
     from vaekit.ops.images import read_image
     from vaekit.vae import load_vae
 

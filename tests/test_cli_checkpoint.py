@@ -211,7 +211,7 @@ def test_convert_matches_diffusers(tmp_path: Path, env: dict[str, str], capsys: 
     ours = load_vae(src)
     z = torch.randn(1, 4, 3, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = theirs.decode(z).sample
+        ref = theirs.decode(z).sample * 0.5 + 0.5
         got = ours.model.decode(z)
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 

@@ -11,11 +11,12 @@ from safetensors.torch import save_file
 import vaekit
 from tests.conftest import small_config
 from vaekit.errors import LoadError
+from vaekit.families import preset
 from vaekit.formats import source as source_module
 from vaekit.formats.convert import ldm_to_diffusers
 from vaekit.formats.detect import detect
 from vaekit.formats.io import file_sha256
-from vaekit.models import build, preset
+from vaekit.models import build
 
 
 def _shapes(name: str, full: bool = False) -> dict[str, tuple[int, ...]]:
@@ -131,7 +132,7 @@ def test_known_hash_tells_sdxl_from_sd1(tmp_path: Path, monkeypatch: pytest.Monk
     sha = file_sha256(tmp_path / "vae.safetensors")
     monkeypatch.setitem(source_module.KNOWN_HASHES, sha, ("sdxl", "test entry"))
     info = vaekit.inspect(tmp_path / "vae.safetensors")
-    assert (info.family, info.family_certain, info.family_source, info.scaling_factor) == (
+    assert (info.family, info.family_certain, info.family_source, info.normaliser_spec["scale"]) == (
         "sdxl",
         True,
         "known file hash",
@@ -153,7 +154,8 @@ def test_inspect_reports_everything(tmp_path: Path) -> None:
     got = (info.family, info.container, info.layout, info.dtype, info.kind)
     assert got == ("sd3", "checkpoint", "ldm", "float16", "kl")
     assert (info.params_encoder, info.params_decoder, info.params_total) == (n_enc, n_dec, n_enc + n_dec)
-    assert (info.scaling_factor, info.shift_factor, info.latent_channels) == (1.5305, 0.0609, 16)
+    spec = info.normaliser_spec
+    assert (spec["scale"], spec["shift"], info.latent_channels) == (1.5305, 0.0609, 16)
     assert info.sha256 == file_sha256(tmp_path / "ckpt.safetensors") and info.short_hash == info.sha256[:10]
     assert len(info.legacy_hash) == 8
     assert info.to_dict()["config"]["latent_channels"] == 16

@@ -220,7 +220,7 @@ def test_a_vae_compared_with_itself_scores_identical_rows_and_a_desaturated_one_
 
 
 def test_precision_variants_and_reconstruction_close_to_pipeline(photos: Path) -> None:
-    from vaekit.ops.pipeline import roundtrip
+    from vaekit.ops.codec import roundtrip
 
     vae = _vae()
     result = compare([vae], photos, precisions=["fp32", "bf16"], max_size=SIZE, warmup=False)

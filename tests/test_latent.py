@@ -16,10 +16,10 @@ import vaekit
 from tests.conftest import small_config
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats.io import TensorFile
+from vaekit.formats.latent_file import load_latents, save_latents
 from vaekit.interfaces.cli import main
 from vaekit.latent import anomaly, augmentation, channels, interpolation, noise, preview, sampling
 from vaekit.models import build
-from vaekit.ops.codec import load_latents, save_latents
 from vaekit.ops.images import builtin_image_paths, load_image, save_image
 from vaekit.vae import VAE, VAEOrigin
 

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from tests.conftest import small_config
 from vaekit.errors import BadInputError
 from vaekit.formats.io import file_sha256
+from vaekit.formats.latent_file import load_latents, save_encoded, save_latents, vae_sha256
 from vaekit.models import build
-from vaekit.ops.codec import load_latents, save_encoded, save_latents, vae_sha256
-from vaekit.ops.pipeline import decode, encode
+from vaekit.ops.codec import decode, encode
 from vaekit.vae import VAE, VAEOrigin, load_vae
 
 
@@ -46,7 +46,7 @@ def test_round_trip_with_posterior_and_metadata(micro: VAE, tmp_path: Path) -> N
     )
     assert lf.family == "sdxl" and lf.kind == "kl" and lf.vae_sha256 == "random-init:micro-sdxl"
     assert lf.vae_name == "micro-sdxl (random init, seed 0)"
-    assert lf.scaling_factor == pytest.approx(0.13025) and lf.shift_factor == 0.0
+    assert lf.normaliser.scale == pytest.approx(0.13025) and lf.normaliser.shift == 0.0
     assert lf.image_sizes == [(30, 21), (30, 21)] and lf.paddings == [(0, 0, 2, 3)] * 2
     assert lf.image_size == (30, 21) and lf.dtype == "float32" and not lf.sampled
     assert lf.extra == {"prompt": "a cat"}

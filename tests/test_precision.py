@@ -14,8 +14,8 @@ from tests.conftest import small_config
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.models import build
 from vaekit.ops import precision as prec
+from vaekit.ops.codec import CodecOptions, decode, encode
 from vaekit.ops.device import choose_device, default_budget, free_memory
-from vaekit.ops.pipeline import CodecOptions, decode, encode
 from vaekit.vae import VAE, VAEOrigin
 
 

@@ -32,9 +32,9 @@ from safetensors.torch import save as st_save
 
 from tests.conftest import small_config
 from vaekit.formats.io import file_sha256
+from vaekit.formats.latent_file import load_latents
 from vaekit.models import build
-from vaekit.ops import pipeline
-from vaekit.ops.codec import load_latents
+from vaekit.ops import codec as pipeline
 from vaekit.vae import VAE, VAEOrigin, load_vae, save_vae
 
 MAX_PIXELS = 256 * 256

@@ -131,7 +131,7 @@ def test_export_matches_diffusers(trained: loop.TrainResult) -> None:
         out_d = (twin.decode(mean_d).sample + 1) / 2
     mean_v, _ = vae.encode_posterior(x)
     torch.testing.assert_close(mean_v, mean_d, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(vae.decode(vae.scale(mean_v)), out_d.clamp(0, 1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(vae.decode(vae.normalise(mean_v)), out_d.clamp(0, 1), atol=1e-4, rtol=1e-4)
 
 
 def _tensors(path: Path) -> dict:

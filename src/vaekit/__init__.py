@@ -1,13 +1,15 @@
 """vaekit: load, inspect, encode, decode, compare and train the VAEs of latent diffusion models."""
 
 from vaekit.errors import BadInputError, LoadError, UnsafeFileError, VaekitError
+from vaekit.families import FAMILIES, PRESETS, preset
 from vaekit.inspection import Inspection, inspect
-from vaekit.models.config import PRESETS, KLConfig, TinyConfig, preset
+from vaekit.models.config import KLConfig, TinyConfig
 from vaekit.vae import VAE, load_vae, save_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "VAE",
     "BadInputError",

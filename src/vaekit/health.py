@@ -133,20 +133,21 @@ def activation_range(vae: VAE, image: torch.Tensor | None = None, size: int = PR
                     if math.isfinite(best["value"]):
                         best.update(value=value, module=names.get(module) or "model")
 
-    model, tiny = vae.model, vae.config.kind == "tiny"
+    model = vae.model
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
         # The raw model, not the codec pipeline: this measures the weights themselves in their loaded dtype.
         with torch.inference_mode():
             if "encoder" in vae.origin.parts:
                 x = image.to(vae.device, vae.dtype)
-                z = model.encode(x) if tiny else model.encode(x * 2 - 1)[0]
+                z = model.encode(x)
+                z = z[0] if isinstance(z, tuple) else z
                 probe = f"encode{'+decode' if 'decoder' in vae.origin.parts else ''} of a {size}x{size} photo"
             else:
                 gen = torch.Generator().manual_seed(0)
                 shape = (1, vae.latent_channels, size // vae.downscale, size // vae.downscale)
                 z = torch.randn(shape, generator=gen).to(vae.device, vae.dtype)
-                z = z if tiny else vae.unscale(z)
+                z = vae.denormalise(z)
                 probe = f"decode of unit-normal {size}x{size} latents"
             if "decoder" in vae.origin.parts and torch.isfinite(z).all():
                 model.decode(z)

@@ -25,10 +25,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vaekit import families
 from vaekit.errors import BadInputError
-from vaekit.formats import keymaps
+from vaekit.families import PRESETS
 from vaekit.formats.io import WEIGHT_SUFFIXES, TensorFile, atomic_path, file_sha256, find_diffusers_weights
-from vaekit.models.config import FAMILY_CHANNELS, PRESETS
 
 CONFIG_NAME = "config.toml"
 CACHE_NAME = "library-cache.json"
@@ -507,15 +507,14 @@ def vae_family(path: str | os.PathLike[str]) -> FamilyInfo:
 def checkpoint_family(path: str | os.PathLike[str]) -> FamilyInfo:
     """Family of a full checkpoint: from its metadata or diffusion-model keys, else from its baked VAE."""
     from vaekit.errors import LoadError
-    from vaekit.formats.detect import _metadata_family
 
     f = TensorFile(path)
-    _, meta_family = _metadata_family(f.metadata)
-    keys = f.keys()
-    marker = next((fam for m, fam in keymaps.CHECKPOINT_FAMILY_MARKERS if any(k.startswith(m) for k in keys)), None)
-    family, source = (meta_family, "metadata") if meta_family else (marker, "diffusion-model keys")
-    if family:
-        return FamilyInfo(family, FAMILY_CHANNELS[family], True, source)
+    found = families.from_modelspec(f.metadata.get("modelspec.architecture", ""))
+    source = "metadata"
+    if found is None:
+        found, source = families.from_checkpoint_keys(f.keys()), "diffusion-model keys"
+    if found is not None:
+        return FamilyInfo(found.name, found.raw_channels, True, source)
     try:
         return vae_family(path)
     except LoadError:

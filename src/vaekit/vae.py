@@ -1,4 +1,4 @@
-"""The :class:`VAE` object: a loaded model with its config, latent scaling and device/dtype."""
+"""The :class:`VAE` object: a loaded model with its config, its family's latent normaliser and device/dtype."""
 
 from __future__ import annotations
 
@@ -10,12 +10,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from vaekit import families, validation
 from vaekit.errors import BadInputError
+from vaekit.families import PRESETS, preset, with_family
 from vaekit.formats.convert import strict_load
 from vaekit.formats.export import write_vae
 from vaekit.formats.source import open_source
 from vaekit.models import build
-from vaekit.models.config import PRESETS, VAEConfig, preset, with_family
+from vaekit.models.config import VAEConfig
+from vaekit.normalisers import Normaliser
+from vaekit.ops import codec
+from vaekit.ops.precision import DTYPE_NAMES
 
 PathLike = str | os.PathLike[str]
 
@@ -34,35 +39,47 @@ class VAEOrigin:
 
 
 class VAE:
-    """A loaded VAE. ``encode`` takes images in [0, 1] (N, 3, H, W) and returns latents scaled and shifted the
-    way diffusion models consume them; ``decode`` takes such latents and returns images in [0, 1].
+    """A loaded VAE. ``encode`` takes images in [0, 1] (N, 3, H, W) and returns latents normalised the way the
+    family's diffusion models consume them (:attr:`normaliser`); ``decode`` takes such latents and returns images in
+    [0, 1]. ``encode_posterior`` gives the raw posterior the network computes.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        config: VAEConfig,
-        origin: VAEOrigin | None = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, config: VAEConfig, origin: VAEOrigin | None = None) -> None:
         self.model = model.eval().requires_grad_(False)
         self.config = config
         self.origin = origin or VAEOrigin(name=config.family)
+        self.normaliser: Normaliser = families.normaliser_for(config, model)
 
     # --- description -------------------------------------------------------------------------------------------
     @property
     def family(self) -> str:
-        """Latent family (sd1, sdxl, sd3, flux, custom)."""
+        """Latent family (see :mod:`vaekit.families`)."""
         return self.config.family
 
     @property
-    def latent_channels(self) -> int:
-        """Channels of the latent."""
+    def gaussian(self) -> bool:
+        """True when the encoder gives a Gaussian posterior (mean and log-variance); False for tiny VAEs."""
+        return bool(self.config.gaussian)
+
+    @property
+    def raw_channels(self) -> int:
+        """Channels of the raw latent the network computes."""
         return self.config.latent_channels
 
     @property
-    def downscale(self) -> int:
-        """Pixels per latent cell along one side."""
+    def latent_channels(self) -> int:
+        """Channels of the normalised latent (what :meth:`encode` returns and :meth:`decode` takes)."""
+        return self.normaliser.channels(self.config.latent_channels)
+
+    @property
+    def raw_downscale(self) -> int:
+        """Image pixels per raw latent cell along one side."""
         return self.config.downscale
+
+    @property
+    def downscale(self) -> int:
+        """Image pixels per normalised latent cell along one side (16 for FLUX.2's 2x2 patches)."""
+        return self.config.downscale * self.normaliser.patch
 
     @property
     def device(self) -> torch.device:
@@ -80,74 +97,36 @@ class VAE:
             f"latent_channels={self.latent_channels}, device={self.device}, dtype={self.dtype})"
         )
 
-    # --- scaling -----------------------------------------------------------------------------------------------
-    def scale(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw posterior latent -> the scaled latent diffusion models use: (z - shift) * scale."""
-        return (z - self.config.shift_factor) * self.config.scaling_factor
+    # --- latent normalisation ----------------------------------------------------------------------------------
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latent (N, C, h, w) -> the normalised latent diffusion models use."""
+        return self.normaliser.normalise(z)
 
-    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> raw latent the decoder takes: latents / scale + shift."""
-        return latents / self.config.scaling_factor + self.config.shift_factor
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latent -> the raw latent the decoder takes."""
+        return self.normaliser.denormalise(latents)
 
-    # --- checks ------------------------------------------------------------------------------------------------
-    def _require(self, part: str) -> None:
+    # --- core operations ---------------------------------------------------------------------------------------
+    def require(self, part: str) -> None:
+        """Raise BadInputError when the loaded file holds no ``part`` ("encoder" or "decoder")."""
         if part not in self.origin.parts:
             raise BadInputError(f"{self.origin.name}: this file holds no {part}; load the {part} file too")
 
-    def check_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Validate an image batch (N, C, H, W) or a single image (C, H, W); returns a 4-D float tensor."""
-        if not isinstance(images, torch.Tensor):
-            raise BadInputError(f"images must be a torch.Tensor, got {type(images).__name__}")
-        if images.ndim == 3:
-            images = images.unsqueeze(0)
-        if images.ndim != 4:
-            raise BadInputError(f"images must be (N, C, H, W) or (C, H, W), got shape {tuple(images.shape)}")
-        if images.shape[1] != self.config.in_channels:
-            raise BadInputError(f"images have {images.shape[1]} channels, this VAE takes {self.config.in_channels}")
-        if images.shape[0] == 0 or images.shape[2] == 0 or images.shape[3] == 0:
-            raise BadInputError(f"empty image batch of shape {tuple(images.shape)}")
-        if not images.is_floating_point():
-            raise BadInputError(f"images must be float in [0, 1], got {images.dtype}")
-        return images
-
-    def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Validate a latent batch (N, C, h, w) or (C, h, w) for this VAE; returns a 4-D tensor."""
-        if not isinstance(latents, torch.Tensor):
-            raise BadInputError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
-        if latents.ndim == 3:
-            latents = latents.unsqueeze(0)
-        if latents.ndim != 4:
-            raise BadInputError(f"latents must be (N, C, h, w) or (C, h, w), got shape {tuple(latents.shape)}")
-        if latents.shape[1] != self.latent_channels:
-            raise BadInputError(
-                f"latents have {latents.shape[1]} channels but this {self.family} VAE takes {self.latent_channels}: "
-                "they were made by a VAE of another family"
-            )
-        if latents.shape[0] == 0 or latents.shape[2] == 0 or latents.shape[3] == 0:
-            raise BadInputError(f"empty latent batch of shape {tuple(latents.shape)}")
-        if not torch.isfinite(latents).all():
-            raise BadInputError("latents contain NaN or infinite values")
-        return latents
-
-    # --- core operations ---------------------------------------------------------------------------------------
     @torch.inference_mode()
     def encode_posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Images in [0, 1] -> (mean, logvar) of the raw posterior; logvar is None for the tiny VAE.
+        """Images in [0, 1] -> (mean, logvar) of the raw posterior; logvar is None for deterministic encoders.
 
-        Height and width must be multiples of :attr:`downscale`.
+        Height and width must be multiples of :attr:`raw_downscale` (use :meth:`encode` for any size).
         """
-        self._require("encoder")
-        images = self.check_images(images)
-        if images.shape[2] % self.downscale or images.shape[3] % self.downscale:
+        self.require("encoder")
+        images = validation.image_batch(images, self.config.in_channels)
+        if images.shape[2] % self.raw_downscale or images.shape[3] % self.raw_downscale:
             raise BadInputError(
-                f"image size {images.shape[3]}x{images.shape[2]} is not a multiple of {self.downscale}; "
-                "use vaekit.ops to pad"
+                f"image size {images.shape[3]}x{images.shape[2]} is not a multiple of {self.raw_downscale}; "
+                "use vae.encode, which pads"
             )
-        x = images.to(self.device, self.dtype)
-        if self.config.kind == "tiny":
-            return self.model.encode(x), None
-        mean, logvar = self.model.encode(x * 2 - 1)
-        return mean, logvar
+        out = self.model.encode(images.to(self.device, self.dtype))
+        return out if isinstance(out, tuple) else (out, None)
 
     def encode(
         self,
@@ -156,49 +135,45 @@ class VAE:
         generator: torch.Generator | None = None,
         **option_kwargs: Any,
     ) -> torch.Tensor:
-        """Images in [0, 1] of any size -> scaled latents (posterior mode; ``sample=True`` draws from it).
+        """Images in [0, 1] of any size -> normalised latents (posterior mode; ``sample=True`` draws from it).
 
-        Sizes that are not a multiple of :attr:`downscale` are reflect-padded (use :func:`vaekit.ops.pipeline.encode`
-        to keep the padding for cropping later). ``option_kwargs`` are :class:`vaekit.ops.pipeline.CodecOptions`
+        Sizes that are not a multiple of :attr:`downscale` are reflect-padded (use :func:`vaekit.ops.codec.encode`
+        to keep the padding for cropping later). ``option_kwargs`` are :class:`vaekit.ops.codec.CodecOptions`
         fields (``precision`` defaults to the weights' dtype, ``tiling`` to ``"auto"``).
         """
-        from vaekit.ops import pipeline
-
-        options = pipeline.make_options(self._default_options(), sample=sample, **option_kwargs)
-        result = pipeline.encode(self, images, options, generator=generator)
+        options = codec.make_options(self._default_options(), sample=sample, **option_kwargs)
+        result = codec.encode(self, images, options, generator=generator)
         if not isinstance(result.latents, torch.Tensor):
-            raise BadInputError("images of different sizes: use vaekit.ops.pipeline.encode, which returns a list")
+            raise BadInputError("images of different sizes: use vaekit.ops.codec.encode, which returns a list")
         return result.latents
 
     def decode(self, latents: torch.Tensor, **option_kwargs: Any) -> torch.Tensor:
-        """Scaled latents -> images in [0, 1] (clamped), float32.
+        """Normalised latents -> images in [0, 1] (clamped), float32.
 
-        ``option_kwargs`` are :class:`vaekit.ops.pipeline.CodecOptions` fields, plus ``image_size`` (width, height)
+        ``option_kwargs`` are :class:`vaekit.ops.codec.CodecOptions` fields, plus ``image_size`` (width, height)
         and ``padding`` (left, top, right, bottom pixels) to crop the result.
         """
-        from vaekit.ops import pipeline
-
         crop = {k: option_kwargs.pop(k) for k in ("image_size", "padding") if k in option_kwargs}
-        options = pipeline.make_options(self._default_options(), **option_kwargs)
-        images = pipeline.decode(self, latents, options, **crop).images
+        options = codec.make_options(self._default_options(), **option_kwargs)
+        images = codec.decode(self, latents, options, **crop).images
         if not isinstance(images, torch.Tensor):
-            raise BadInputError("a list of latents: use vaekit.ops.pipeline.decode, which returns a list")
+            raise BadInputError("a list of latents: use vaekit.ops.codec.decode, which returns a list")
         return images
 
-    def _default_options(self) -> Any:
-        from vaekit.ops import pipeline
-        from vaekit.ops.precision import DTYPE_NAMES
-
-        return pipeline.CodecOptions(precision=DTYPE_NAMES.get(self.dtype, "fp32"))
+    def _default_options(self) -> codec.CodecOptions:
+        return codec.CodecOptions(precision=DTYPE_NAMES.get(self.dtype, "fp32"))
 
     # --- moving and saving -------------------------------------------------------------------------------------
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> VAE:
-        """Move weights in place; returns self."""
+        """Move weights in place; returns self. Latent statistics (FLUX.2's BatchNorm) stay in float32."""
         self.model.to(device=device, dtype=dtype)
+        bn = getattr(self.model, "bn", None)
+        if bn is not None:
+            bn.float()
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights in vaekit (LDM / taesd) names."""
+        """Weights in vaekit (original release) names."""
         return {k: v for k, v in self.model.state_dict().items() if not v.is_meta}
 
     def save(

@@ -120,8 +120,7 @@ def cache_settings(vae: VAE, params: Preprocess, settings: EncodeSettings) -> di
         "kind": vae.config.kind,
         "latent_channels": vae.latent_channels,
         "downscale": vae.downscale,
-        "scaling_factor": vae.config.scaling_factor,
-        "shift_factor": vae.config.shift_factor,
+        "normaliser": vae.normaliser.spec(),
         "precision": settings.precision,
         "store_dtype": settings.store_dtype,
         "preprocess": params.to_dict(),
@@ -260,7 +259,7 @@ def build_cache(
         raise BadInputError(f"--shard-size must be at least 1, got {shard_size}")
     if workers is not None and workers < 0:
         raise BadInputError(f"--workers must be 0 or more, got {workers}")
-    vae._require("encoder")
+    vae.require("encoder")
     params.check_multiple(vae.downscale)
     paths = collect_images(inputs)
     root = Path(cache_dir)

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from vaekit.cache.manifest import ImageRow, Manifest
 from vaekit.cache.shards import ShardReader, shard_dir
 from vaekit.errors import BadInputError
+from vaekit.normalisers import ScalarAffine, from_spec
 
 PathLike = str | os.PathLike[str]
 
@@ -41,8 +42,10 @@ class LatentCache(Dataset):  # type: ignore[type-arg]
         if settings is None:
             raise BadInputError(f"{self.cache_dir}: the manifest holds no settings; was the cache ever built?")
         self.settings: dict[str, Any] = settings
-        self.scaling_factor = float(settings["scaling_factor"])
-        self.shift_factor = float(settings["shift_factor"])
+        if "normaliser" in settings:
+            self.normaliser = from_spec(settings["normaliser"])
+        else:  # caches written before normaliser objects
+            self.normaliser = ScalarAffine(float(settings["scaling_factor"]), float(settings["shift_factor"]))
         self._reader = ShardReader(shard_dir(self.cache_dir))
 
     def __len__(self) -> int:
@@ -54,8 +57,8 @@ class LatentCache(Dataset):  # type: ignore[type-arg]
         return f"LatentCache({where!r}, images={len(self)}, vae={vae!r}, family={family})"
 
     def scale(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw posterior latent -> the scaled latent a diffusion model uses."""
-        return (z.float() - self.shift_factor) * self.scaling_factor
+        """Raw posterior latent (C, h, w) -> the normalised latent a diffusion model uses."""
+        return self.normaliser.normalise(z.float()[None])[0]
 
     def _item(self, row: ImageRow, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
         item: dict[str, Any] = dict(tensors)

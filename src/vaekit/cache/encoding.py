@@ -20,8 +20,8 @@ import torch
 
 from vaekit.cache.preprocess import Geometry, Preprocess, load_prepared
 from vaekit.errors import BadInputError, VaekitError
-from vaekit.ops.pipeline import CodecOptions
-from vaekit.ops.pipeline import encode as pipeline_encode
+from vaekit.ops.codec import CodecOptions
+from vaekit.ops.codec import encode as pipeline_encode
 from vaekit.ops.precision import DTYPES, parse_precision
 from vaekit.vae import VAE
 
@@ -118,7 +118,7 @@ def deterministic(device: torch.device, threads: int) -> Iterator[None]:
 
 def _posterior(vae: VAE, batch: torch.Tensor, precision: str) -> tuple[torch.Tensor, torch.Tensor | None]:
     result = pipeline_encode(vae, batch, CodecOptions(precision=precision, tiling="off"))
-    if vae.config.kind == "tiny":
+    if not vae.gaussian:
         return result.latents, None  # type: ignore[return-value]
     return result.mean, result.logvar  # type: ignore[return-value]
 

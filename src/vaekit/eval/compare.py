@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.eval import metrics as M
 from vaekit.eval.stats import Summary, Winner, call_winner, mean_ci
-from vaekit.ops import pipeline
+from vaekit.ops import codec as pipeline
 from vaekit.ops.device import PeakMemory, choose_device, synchronize
 from vaekit.ops.images import builtin_image_paths, list_images, read_image
 from vaekit.vae import VAE, load_vae

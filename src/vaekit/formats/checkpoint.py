@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from vaekit import families
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats import keymaps
 from vaekit.formats.convert import ldm_to_diffusers
@@ -102,11 +103,6 @@ def checkpoint_vae(f: TensorFile) -> Detection | None:
     return det
 
 
-def is_diffusion_checkpoint(keys: list[str]) -> bool:
-    """True when the keys include a diffusion model (SD1/SDXL/SD3/FLUX markers)."""
-    return any(k.startswith(marker) for marker, _ in keymaps.CHECKPOINT_FAMILY_MARKERS for k in keys)
-
-
 def _main_float_dtype(dtypes: dict[str, torch.dtype]) -> torch.dtype:
     floats = [d for d in dtypes.values() if d.is_floating_point]
     return max(set(floats), key=floats.count) if floats else torch.float32
@@ -131,7 +127,7 @@ def bake_vae(
     if det is not None and det.container == "bare":
         raise BadInputError(f"{checkpoint}: a bare VAE file, not a checkpoint; nothing to bake into")
     if det is None:
-        if not is_diffusion_checkpoint(f.keys()):
+        if not families.is_diffusion_checkpoint(f.keys()):
             raise BadInputError(f"{checkpoint}: neither a VAE nor a diffusion model found in it; is this a checkpoint?")
         prefix, layout, dtype = keymaps.CHECKPOINT_PREFIXES[0], "ldm", _main_float_dtype(f.dtypes)
         old_keys: set[str] = set()
@@ -143,7 +139,7 @@ def bake_vae(
     if layout not in ("ldm", "diffusers"):
         raise BadInputError(f"{checkpoint}: its VAE has the {layout} layout; only KL VAEs can be baked")
     if kind != "kl":
-        raise BadInputError("a tiny VAE (TAESD) cannot be baked into a checkpoint; bake a full KL VAE")
+        raise BadInputError(f"a {kind} VAE cannot be baked into a checkpoint; bake a full KL VAE")
     if dtype not in ST_DTYPES:
         raise BadInputError(f"{checkpoint}: its VAE is stored as {dtype}, which vaekit cannot write")
     named = ldm_to_diffusers(vae_state, "kl") if layout == "diffusers" else dict(vae_state)

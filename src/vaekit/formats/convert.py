@@ -52,7 +52,19 @@ def rename_diffusers_to_ldm(sd: dict[str, T], kind: str) -> dict[str, T]:
         return _rename(sd, _rules(keymaps.TINY_TO_DIFFUSERS, True), lambda n, v: v + 1 if n == "d" else v, "tiny")
     sd = apply_prefix_aliases(sd, keymaps.DIFFUSERS_LEGACY_ALIASES)
     n = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
-    return _rename(sd, _rules(keymaps.KL_TO_DIFFUSERS, True), lambda k, v: n - 1 - v if k == "r" else v, "diffusers")
+    out = _rename(sd, _rules(keymaps.KL_TO_DIFFUSERS, True), lambda k, v: n - 1 - v if k == "r" else v, "diffusers")
+    if any(k.startswith("bn.") for k in out):  # FLUX.2: vaekit (and BFL) nest the quant convs
+        out = _swap_prefixes(out, keymaps.NESTED_QUANT_CONVS)
+    return out
+
+
+def _swap_prefixes(sd: dict[str, T], pairs: list[tuple[str, str]]) -> dict[str, T]:
+    """Replace the first matching key prefix ``old`` by ``new`` for each (old, new) pair."""
+    out: dict[str, T] = {}
+    for key, value in sd.items():
+        new_key = next((new + key[len(old) :] for old, new in pairs if key.startswith(old)), key)
+        out[new_key] = value
+    return out
 
 
 def rename_ldm_to_diffusers(sd: dict[str, T], kind: str) -> dict[str, T]:
@@ -60,6 +72,7 @@ def rename_ldm_to_diffusers(sd: dict[str, T], kind: str) -> dict[str, T]:
     if kind == "tiny":
         return _rename(sd, _rules(keymaps.TINY_TO_DIFFUSERS, False), lambda n, v: v - 1 if n == "d" else v, "tiny")
     n = _count(sd, r"decoder\.up\.(\d+)\.")
+    sd = _swap_prefixes(sd, [(new, old) for old, new in keymaps.NESTED_QUANT_CONVS])
     return _rename(sd, _rules(keymaps.KL_TO_DIFFUSERS, False), lambda k, v: n - 1 - v if k == "r" else v, "LDM")
 
 
@@ -98,23 +111,33 @@ def strict_load(model: nn.Module, sd: dict[str, torch.Tensor], source: str, skip
 
     ``skip_prefix`` names a part (``encoder.``) that the file does not hold and that stays unloaded.
     """
+    check_architecture(model, {k: tuple(v.shape) for k, v in sd.items()}, source, skip_prefix)
+    model.load_state_dict(sd, strict=skip_prefix is None, assign=True)
+
+
+def check_architecture(
+    model: nn.Module, shapes: dict[str, tuple[int, ...]], source: str, skip_prefix: str | None = None
+) -> None:
+    """The strict check of loading, on shapes alone: a LoadError naming any missing, unexpected or misshapen key.
+
+    ``model`` may live on the meta device; :func:`vaekit.inspect` runs this without reading a tensor.
+    """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if skip_prefix:
         expected = {k: s for k, s in expected.items() if not k.startswith(skip_prefix)}
-    missing = sorted(set(expected) - set(sd))
-    unexpected = sorted(set(sd) - set(expected))
-    wrong = sorted(k for k in set(sd) & set(expected) if tuple(sd[k].shape) != expected[k])
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = sorted(k for k in set(shapes) & set(expected) if tuple(shapes[k]) != expected[k])
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing ({_few(missing)})")
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
     if wrong:
-        shapes = ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {expected[k]}" for k in wrong[:3])
-        problems.append(f"{len(wrong)} with wrong shape ({shapes})")
+        text = ", ".join(f"{k}: file {tuple(shapes[k])} vs model {expected[k]}" for k in wrong[:3])
+        problems.append(f"{len(wrong)} with wrong shape ({text})")
     if problems:
         raise LoadError(f"{source}: does not match the detected architecture: " + "; ".join(problems))
-    model.load_state_dict(sd, strict=skip_prefix is None, assign=True)
 
 
 def _few(keys: list[str], n: int = 3) -> str:

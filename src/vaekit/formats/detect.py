@@ -11,18 +11,17 @@ from typing import Any
 
 import torch
 
-from vaekit.errors import LoadError
+from vaekit import families
+from vaekit.errors import BadInputError, LoadError
 from vaekit.formats import keymaps
 from vaekit.formats.convert import rename_diffusers_to_ldm
-from vaekit.models.config import FAMILY_FACTORS, KLConfig, TinyConfig, VAEConfig, config_from_dict, with_family
+from vaekit.models import config_from_dict
+from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 
 Shapes = dict[str, tuple[int, ...]]
 
-# What scaling factor a diffusers config or vaekit metadata states -> family.
-_FACTOR_FAMILY = {round(scale, 5): fam for fam, (scale, _shift) in FAMILY_FACTORS.items()}
-_AMBIGUOUS = {4: ("sd1", "sd1 or sdxl"), 16: ("flux", "sd3 or flux")}
 METADATA_CONFIG_KEY = "vaekit.config"
-_MODELSPEC_FAMILIES = (("flux", "flux"), ("stable-diffusion-3", "sd3"), ("-xl", "sdxl"), ("stable-diffusion", "sd1"))
+DIFFUSERS_VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderTiny")
 
 
 @dataclass
@@ -71,13 +70,6 @@ def _strip_container(keys: list[str]) -> tuple[str, str, dict[str, str]]:
     raise LoadError("no VAE found: none of the keys look like an encoder or decoder (is this a VAE or checkpoint?)")
 
 
-def _checkpoint_family(keys: list[str]) -> str | None:
-    for marker, family in keymaps.CHECKPOINT_FAMILY_MARKERS:
-        if any(k.startswith(marker) for k in keys):
-            return family
-    return None
-
-
 def _metadata_family(metadata: dict[str, str]) -> tuple[VAEConfig | None, str | None]:
     """A vaekit config stored in the file, or the family a ``modelspec.architecture`` names."""
     if METADATA_CONFIG_KEY in metadata:
@@ -85,11 +77,8 @@ def _metadata_family(metadata: dict[str, str]) -> tuple[VAEConfig | None, str | 
             return config_from_dict(json.loads(metadata[METADATA_CONFIG_KEY])), None
         except (ValueError, TypeError) as e:
             raise LoadError(f"the file's {METADATA_CONFIG_KEY} metadata is invalid ({e})") from None
-    arch = metadata.get("modelspec.architecture", "").lower()
-    for needle, family in _MODELSPEC_FAMILIES:
-        if needle in arch:
-            return None, family
-    return None, None
+    found = families.from_modelspec(metadata.get("modelspec.architecture", ""))
+    return None, found.name if found else None
 
 
 def _kl_config(shapes: Shapes) -> KLConfig:
@@ -112,8 +101,10 @@ def _kl_config(shapes: Shapes) -> KLConfig:
         base_channels=base,
         channel_mult=tuple(w // base for w in widths),
         num_res_blocks=res_blocks,
-        use_quant_conv="quant_conv.weight" in shapes,
+        use_quant_conv="quant_conv.weight" in shapes or "encoder.quant_conv.weight" in shapes,
         mid_attention="encoder.mid.attn_1.q.weight" in shapes,
+        nested_quant="encoder.quant_conv.weight" in shapes or "bn.running_mean" in shapes,
+        patch_batchnorm="bn.running_mean" in shapes,
     )
 
 
@@ -215,43 +206,87 @@ def detect(
 
     meta_cfg, meta_family = _metadata_family(metadata)
     if meta_cfg is not None and meta_cfg.kind == cfg.kind:
+        meta_cfg = _keep_facts(meta_cfg, cfg)
         cfg = meta_cfg
     elif diffusers_config:
         cfg = _apply_diffusers_config(cfg, diffusers_config)
-
-    certain, source, note = True, "", ""
-    if family:
-        fam, source = family, "user override"
-    elif meta_cfg is not None:
-        fam, source = meta_cfg.family, "vaekit metadata"
-    elif diffusers_config and cfg.kind == "kl" and _config_family(diffusers_config):
-        fam, source = _config_family(diffusers_config), "diffusers config scaling_factor"  # type: ignore[assignment]
-    elif known_family:
-        fam, source = known_family, "known file hash"
-    elif meta_family:
-        fam, source = meta_family, "modelspec.architecture metadata"
-    elif container == "checkpoint" and (ckpt_family := _checkpoint_family(keys)):
-        fam, source = ckpt_family, "checkpoint diffusion-model keys"
-    elif cfg.latent_channels in _AMBIGUOUS:
-        fam, note = _AMBIGUOUS[cfg.latent_channels]
-        certain, source = False, "latent channels only"
-        note = f"{note}: same architecture, cannot tell from weights; assumed {fam} (override with family=...)"
-    else:
-        fam, certain, source = "custom", False, "no known family has this channel count"
-    if fam != "custom":
-        try:
-            cfg = with_family(cfg, fam)
-            if meta_cfg is not None and meta_cfg.family == fam:
-                cfg = meta_cfg  # keep calibrated factors stored in the file
-        except ValueError as e:
-            raise LoadError(str(e)) from None
+    fam, certain, source, note = _decide_family(
+        cfg, container, keys, family, meta_cfg, meta_family, diffusers_config, known_family
+    )
+    try:
+        relabelled = families.with_family(cfg, fam)
+    except BadInputError as e:
+        raise LoadError(str(e)) from None
+    # a vaekit file of this family keeps its own (calibrated) factors
+    cfg = meta_cfg if meta_cfg is not None and meta_cfg.family == fam else relabelled
     dtype = _main_dtype({k: dtypes[v] for k, v in inner.items()} if dtypes else {})
     return Detection(layout, container, prefix, cfg, certain, source, note, parts, dtype, key_map)
 
 
-def _config_family(cfg: dict[str, Any]) -> str | None:
-    scale = cfg.get("scaling_factor")
-    return _FACTOR_FAMILY.get(round(float(scale), 5)) if isinstance(scale, int | float) else None
+def _keep_facts(meta: VAEConfig, weights: VAEConfig) -> VAEConfig:
+    """Metadata may add what shapes cannot tell (norm groups, factors) but never overrules the weights."""
+    import dataclasses
+
+    facts = {"latent_channels", "patch_batchnorm", "nested_quant", "use_quant_conv", "mid_attention"}
+    fields = {f.name for f in dataclasses.fields(weights)}
+    return dataclasses.replace(meta, **{k: getattr(weights, k) for k in facts & fields})
+
+
+def _decide_family(
+    cfg: VAEConfig,
+    container: str,
+    keys: list[str],
+    override: str | None,
+    meta_cfg: VAEConfig | None,
+    meta_family: str | None,
+    diffusers_config: dict[str, Any] | None,
+    known_family: str | None,
+) -> tuple[str, bool, str, str]:
+    """(family, certain, source, note). The weights' architecture is a hard fact; every other piece of evidence is
+    taken in order of trust only when it agrees with it, and evidence that contradicts it is dropped with a note."""
+    if override:
+        return override, True, "user override", ""
+    fits = families.candidates(cfg)
+    names = [f.name for f in fits]
+    evidence: list[tuple[str | None, str]] = []
+    if meta_cfg is not None:
+        evidence.append((meta_cfg.family, "vaekit metadata"))
+    if diffusers_config and cfg.kind == "kl" and "scaling_factor" in diffusers_config:
+        found = families.from_scaling_factor(diffusers_config.get("scaling_factor"))
+        evidence.append((found.name if found else None, "diffusers config scaling_factor"))
+    if known_family:
+        evidence.append((families.family_of_preset(known_family), "known file hash"))
+    if meta_family:
+        evidence.append((meta_family, "modelspec.architecture metadata"))
+    if container == "checkpoint" and (ckpt := families.from_checkpoint_keys(keys)) is not None:
+        evidence.append((ckpt.name, "checkpoint diffusion-model keys"))
+    dropped = []
+    for fam, source in evidence:
+        if fam is None:
+            continue
+        if fam == "custom" and source == "vaekit metadata":
+            return "custom", True, source, ""
+        if fam in names:
+            note = "; ".join(dropped)
+            return fam, True, source, note
+        dropped.append(f"{source} says {fam}, but the weights are not a {fam} VAE ({_facts(cfg)}); ignored")
+    note = "; ".join(dropped)
+    if len(fits) == 1:
+        return fits[0].name, True, "architecture (" + _facts(cfg) + ")", note
+    if len(fits) > 1:
+        why = (
+            f"{' or '.join(names)}: same architecture, cannot tell from weights; assumed {names[0]} "
+            "(override with --family)"
+        )
+        return names[0], False, "latent channels only", "; ".join([why, *dropped])
+    return "custom", False, "no known family has this architecture", note
+
+
+def _facts(cfg: VAEConfig) -> str:
+    text = f"{cfg.latent_channels} raw latent channels"
+    if getattr(cfg, "patch_batchnorm", False):
+        text += ", latent BatchNorm"
+    return text
 
 
 def _apply_diffusers_config(cfg: VAEConfig, dc: dict[str, Any]) -> VAEConfig:
@@ -264,6 +299,8 @@ def _apply_diffusers_config(cfg: VAEConfig, dc: dict[str, Any]) -> VAEConfig:
             updates["norm_groups"] = int(dc["norm_num_groups"])
         if dc.get("mid_block_add_attention") is False:
             updates["mid_attention"] = False
+        if isinstance(dc.get("batch_norm_eps"), int | float):
+            updates["batchnorm_eps"] = float(dc["batch_norm_eps"])
     for ours, theirs in (("scaling_factor", "scaling_factor"), ("shift_factor", "shift_factor")):
         if isinstance(dc.get(theirs), int | float):
             updates[ours] = float(dc[theirs])
@@ -283,6 +320,6 @@ def read_diffusers_config(path: Path) -> dict[str, Any]:
 
     data = read_json(path)
     cls = data.get("_class_name")
-    if cls not in (None, "AutoencoderKL", "AutoencoderTiny"):
-        raise LoadError(f"{path}: a diffusers {cls}, not a VAE (AutoencoderKL or AutoencoderTiny)")
+    if cls not in (None, *DIFFUSERS_VAE_CLASSES):
+        raise LoadError(f"{path}: a diffusers {cls}, not a VAE ({', '.join(DIFFUSERS_VAE_CLASSES)})")
     return data

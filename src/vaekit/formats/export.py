@@ -40,8 +40,25 @@ def diffusers_config(cfg: VAEConfig) -> dict[str, Any]:
             "shift_factor": cfg.shift_factor,
         }
     n = len(cfg.channel_mult)  # type: ignore[union-attr]
+    if cfg.patch_batchnorm:  # type: ignore[union-attr]
+        return {
+            **_kl_common(cfg, n),
+            "_class_name": "AutoencoderKLFlux2",
+            "batch_norm_eps": cfg.batchnorm_eps,  # type: ignore[union-attr]
+            "batch_norm_momentum": 0.1,
+            "patch_size": [2, 2],
+        }
     return {
+        **_kl_common(cfg, n),
         "_class_name": "AutoencoderKL",
+        "scaling_factor": cfg.scaling_factor,
+        "shift_factor": cfg.shift_factor if cfg.shift_factor else None,
+        "force_upcast": cfg.family == "sdxl",
+    }
+
+
+def _kl_common(cfg: VAEConfig, n: int) -> dict[str, Any]:
+    return {
         "in_channels": cfg.in_channels,
         "out_channels": cfg.out_channels,
         "down_block_types": ["DownEncoderBlock2D"] * n,
@@ -51,12 +68,9 @@ def diffusers_config(cfg: VAEConfig) -> dict[str, Any]:
         "act_fn": "silu",
         "latent_channels": cfg.latent_channels,
         "norm_num_groups": cfg.norm_groups,  # type: ignore[union-attr]
-        "scaling_factor": cfg.scaling_factor,
-        "shift_factor": cfg.shift_factor if cfg.shift_factor else None,
         "use_quant_conv": cfg.use_quant_conv,  # type: ignore[union-attr]
         "use_post_quant_conv": cfg.use_quant_conv,  # type: ignore[union-attr]
         "mid_block_add_attention": cfg.mid_attention,  # type: ignore[union-attr]
-        "force_upcast": cfg.family == "sdxl",
     }
 
 

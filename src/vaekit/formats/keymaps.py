@@ -38,6 +38,14 @@ KL_TO_DIFFUSERS: list[tuple[str, str]] = [
     ("decoder.conv_out.", "decoder.conv_out."),
     ("quant_conv.", "quant_conv."),
     ("post_quant_conv.", "post_quant_conv."),
+    ("bn.", "bn."),  # FLUX.2's latent BatchNorm statistics
+]
+
+# FLUX.2's original files nest the quant convs inside encoder/decoder; diffusers keeps them at the top level.
+# vaekit names follow the original file, so a VAE with the latent BatchNorm (``bn.``) uses the nested names.
+NESTED_QUANT_CONVS: list[tuple[str, str]] = [
+    ("quant_conv.", "encoder.quant_conv."),
+    ("post_quant_conv.", "decoder.post_quant_conv."),
 ]
 
 # Older diffusers files (before 0.14) name the mid-block attention differently; read-only aliases.
@@ -65,13 +73,3 @@ CHECKPOINT_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.", "model.fir
 # ComfyUI's combined TAESD files: prefix renames plus scale/shift scalars kept as metadata.
 TINY_COMFY_PREFIXES: list[tuple[str, str]] = [("taesd_encoder.", "encoder."), ("taesd_decoder.", "decoder.")]
 TINY_COMFY_EXTRAS: tuple[str, ...] = ("vae_scale", "vae_shift")
-
-# Keys of the diffusion model that reveal a full checkpoint's family (tried in order; first match wins).
-CHECKPOINT_FAMILY_MARKERS: list[tuple[str, str]] = [
-    ("model.diffusion_model.joint_blocks.", "sd3"),
-    ("model.diffusion_model.double_blocks.", "flux"),
-    ("double_blocks.", "flux"),
-    ("conditioner.embedders.1.", "sdxl"),
-    ("model.diffusion_model.label_emb.", "sdxl"),
-    ("model.diffusion_model.input_blocks.", "sd1"),
-]

@@ -44,6 +44,25 @@ class VAESource:
         """Safetensors metadata of the (first) file."""
         return self.files[0].metadata
 
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the VAE tensors in vaekit names, as :meth:`state_dict` would give them (nothing is read)."""
+        out: dict[str, tuple[int, ...]] = {}
+        for f, wanted in self.file_key_maps():
+            out.update({ours: tuple(f.shapes[theirs]) for ours, theirs in wanted.items()})
+        from vaekit.formats.keymaps import KL_ATTENTION_WEIGHTS
+
+        return {k: (*s, 1, 1) if k in KL_ATTENTION_WEIGHTS and len(s) == 2 else s for k, s in out.items()}
+
+    def tensors(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Only the named VAE tensors (vaekit names), e.g. FLUX.2's BatchNorm statistics."""
+        out: dict[str, torch.Tensor] = {}
+        for f, wanted in self.file_key_maps():
+            mine = {ours: theirs for ours, theirs in wanted.items() if ours in names}
+            if mine:
+                loaded = f.load(list(mine.values()))
+                out.update({ours: loaded[theirs] for ours, theirs in mine.items()})
+        return out
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The VAE tensors, renamed to vaekit (LDM / taesd) names; nothing else in a checkpoint is read."""
         det = self.detection

@@ -14,7 +14,6 @@ from vaekit.latent.channels import ChannelStats, channel_images, channel_sheet, 
 from vaekit.latent.interpolation import interpolate, interpolate_latents, lerp, slerp
 from vaekit.latent.noise import add_noise, alphas_cumprod, noise_strip, signal_level
 from vaekit.latent.preview import (
-    FAMILY_RGB_FACTORS,
     PreviewFit,
     PreviewMap,
     family_preview_map,
@@ -22,13 +21,14 @@ from vaekit.latent.preview import (
     latent_to_rgb,
     preview_images,
     preview_map_for,
+    published_factors,
     read_preview_map,
     store_preview_map,
 )
 from vaekit.latent.sampling import sample, sample_latents
 
 __all__ = [
-    "FAMILY_RGB_FACTORS",
+    "published_factors",
     "AnomalyModel",
     "AnomalyScore",
     "ChannelStats",

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats.io import write_json
 from vaekit.latent.render import heat_colors
-from vaekit.ops import pipeline
+from vaekit.ops import codec as pipeline
 from vaekit.vae import VAE
 
 PathLike = str | os.PathLike[str]

@@ -15,82 +15,29 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
+from vaekit import families
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats.io import PICKLE_SUFFIXES, TensorFile, find_diffusers_weights, write_safetensors
-from vaekit.vae import VAE
+
+if TYPE_CHECKING:
+    from vaekit.vae import VAE
 
 PathLike = str | os.PathLike[str]
 PREVIEW_METADATA_KEY = "vaekit.preview"
 
-# Published latent -> RGB factors (rows: latent channels; columns: R, G, B), applied to scaled latents, giving RGB
-# in [-1, 1]. Values as in ComfyUI's comfy/latent_formats.py (classes SD15, SDXL, SD3, Flux). SD1 has no bias.
-FAMILY_RGB_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
-    "sd1": (
-        [
-            [0.3512, 0.2297, 0.3227],
-            [0.3250, 0.4974, 0.2350],
-            [-0.2829, 0.1762, 0.2721],
-            [-0.2120, -0.2616, -0.7177],
-        ],
-        [0.0, 0.0, 0.0],
-    ),
-    "sdxl": (
-        [
-            [0.3651, 0.4232, 0.4341],
-            [-0.2533, -0.0042, 0.1068],
-            [0.1076, 0.1111, -0.0362],
-            [-0.3165, -0.2492, -0.2188],
-        ],
-        [0.1084, -0.0175, -0.0011],
-    ),
-    "sd3": (
-        [
-            [-0.0922, -0.0175, 0.0749],
-            [0.0311, 0.0633, 0.0954],
-            [0.1994, 0.0927, 0.0458],
-            [0.0856, 0.0339, 0.0902],
-            [0.0587, 0.0272, -0.0496],
-            [-0.0006, 0.1104, 0.0309],
-            [0.0978, 0.0306, 0.0427],
-            [-0.0042, 0.1038, 0.1358],
-            [-0.0194, 0.0020, 0.0669],
-            [-0.0488, 0.0130, -0.0268],
-            [0.0922, 0.0988, 0.0951],
-            [-0.0278, 0.0524, -0.0542],
-            [0.0332, 0.0456, 0.0895],
-            [-0.0069, -0.0030, -0.0810],
-            [-0.0596, -0.0465, -0.0293],
-            [-0.1448, -0.1463, -0.1189],
-        ],
-        [0.2394, 0.2135, 0.1925],
-    ),
-    "flux": (
-        [
-            [-0.0346, 0.0244, 0.0681],
-            [0.0034, 0.0210, 0.0687],
-            [0.0275, -0.0668, -0.0433],
-            [-0.0174, 0.0160, 0.0617],
-            [0.0859, 0.0721, 0.0329],
-            [0.0004, 0.0383, 0.0115],
-            [0.0405, 0.0861, 0.0915],
-            [-0.0236, -0.0185, -0.0259],
-            [-0.0245, 0.0250, 0.1180],
-            [0.1008, 0.0755, -0.0421],
-            [-0.0515, 0.0201, 0.0011],
-            [0.0428, -0.0012, -0.0036],
-            [0.0817, 0.0765, 0.0749],
-            [-0.1264, -0.0522, -0.1103],
-            [-0.0280, -0.0881, -0.0499],
-            [-0.1262, -0.0982, -0.0778],
-        ],
-        [-0.0329, -0.0718, -0.0851],
-    ),
-}
+
+def published_factors(family: str) -> tuple[list[list[float]], list[float]] | None:
+    """The published latent -> RGB factors of a family (rows: latent channels; columns R, G, B), if any."""
+    fam = families.FAMILIES.get(family)
+    if fam is None or fam.preview is None:
+        return None
+    weights, bias = fam.preview
+    return [list(row) for row in weights], list(bias)
 
 
 @dataclass(frozen=True)
@@ -138,13 +85,15 @@ class PreviewMap:
 
 def family_preview_map(family: str) -> PreviewMap:
     """The published map of a latent family (sd1, sdxl, sd3, flux)."""
-    if family not in FAMILY_RGB_FACTORS:
+    factors = published_factors(family)
+    if factors is None:
         raise BadInputError(
             f"no published latent RGB factors for family {family!r}; fit a map with `vaekit fit-preview VAE "
             "--images DIR`"
         )
-    weights, bias = FAMILY_RGB_FACTORS[family]
-    return PreviewMap(torch.tensor(weights), torch.tensor(bias), family, f"published {family} factors (ComfyUI)")
+    weights, bias = factors
+    source = families.FAMILIES[family].preview_source
+    return PreviewMap(torch.tensor(weights), torch.tensor(bias), family, f"published {family} factors ({source})")
 
 
 def _metadata_file(path: Path) -> Path:
@@ -293,7 +242,8 @@ def fit_preview_map(vae: VAE, images: Iterable[torch.Tensor], repeats: int = 5) 
     coef = _solve(gram_all, moment_all).float()  # type: ignore[arg-type]
     psnr = _psnr(se_fit / cells)
     published = None
-    if vae.family in FAMILY_RGB_FACTORS and vae.latent_channels == len(FAMILY_RGB_FACTORS[vae.family][0]):
+    factors = published_factors(vae.family)
+    if factors is not None and vae.latent_channels == len(factors[0]):
         fam = family_preview_map(vae.family)
         fam_coef = torch.cat([fam.weights, fam.bias[None]]).double()
         published = _psnr(sum(_mse(x, y, fam_coef) * len(x) for x, y in zip(xs, ys, strict=True)) / cells)

@@ -1,19 +1,42 @@
-"""Architectures and configs: the KL autoencoder and the tiny autoencoder."""
+"""Architectures: one module per architecture, each taking and returning images in [0, 1].
+
+``ARCHITECTURES`` maps a config's ``kind`` to its module class; :func:`build` instantiates any config.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
-from vaekit.models.autoencoder_kl import AutoencoderKL
-from vaekit.models.config import PRESETS, KLConfig, TinyConfig, VAEConfig, preset
+from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
+from vaekit.models.kl import AutoencoderKL
 from vaekit.models.tiny import TinyAutoencoder
 
-__all__ = ["AutoencoderKL", "KLConfig", "PRESETS", "TinyAutoencoder", "TinyConfig", "VAEConfig", "build", "preset"]
+__all__ = ["ARCHITECTURES", "AutoencoderKL", "KLConfig", "TinyAutoencoder", "TinyConfig", "VAEConfig", "build"]
+
+# kind -> (config class, module class)
+ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
+    "kl": (KLConfig, AutoencoderKL),
+    "tiny": (TinyConfig, TinyAutoencoder),
+}
 
 
 def build(cfg: VAEConfig, device: torch.device | str | None = None) -> nn.Module:
     """Instantiate the module for ``cfg``; on ``device="meta"`` nothing is allocated (weights assigned later)."""
-    cls = TinyAutoencoder if cfg.kind == "tiny" else AutoencoderKL
+    _, cls = ARCHITECTURES[cfg.kind]
     with torch.device(device or "cpu"):
-        return cls(cfg)  # type: ignore[arg-type]
+        return cls(cfg)
+
+
+def config_from_dict(data: dict[str, Any]) -> VAEConfig:
+    """Rebuild a config from its ``to_dict`` output (unknown keys from newer versions are ignored)."""
+    kind = data.get("kind", "kl")
+    if kind not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {kind!r}")
+    cls = ARCHITECTURES[kind][0]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names}
+    return cls(**kwargs)

@@ -66,10 +66,20 @@ class TinyAutoencoder(nn.Module):
         self.encoder = tiny_encoder(cfg)
         self.decoder = tiny_decoder(cfg)
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Image in [0, 1] -> scaled latent."""
-        return self.encoder(x)
+    @staticmethod
+    def net_input(images: torch.Tensor) -> torch.Tensor:
+        """The tiny networks take images in [0, 1] as they are."""
+        return images
+
+    @staticmethod
+    def net_output(y: torch.Tensor) -> torch.Tensor:
+        """The tiny decoder already returns images in [0, 1]."""
+        return y
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> latent (already in the family's normalised space)."""
+        return self.encoder(images)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> image in [0, 1]."""
+        """Normalised latent -> images in [0, 1] (not clamped)."""
         return self.decoder(z)

@@ -1,267 +1,365 @@
-"""Latent files: ``.safetensors`` holding latents (and optionally the posterior) with the metadata to use them.
+"""Encode and decode at any size and precision: padding, batching, tiling dispatch, the NaN guard.
 
-Layout: tensors ``latents`` (N, C, h, w) and optionally ``mean`` and ``logvar`` (raw posterior, same shape);
-metadata ``format = "vaekit-latents"``, ``version`` and ``vaekit.latents``, a JSON object with the VAE's identity
-(sha256, short hash, name, family, kind), its scaling/shift, each image's original size and padding, the dtype,
-whether the latents were sampled or are the posterior mode, and the caller's ``extra`` strings.
+Batches of mixed sizes are processed as groups of equal size, each image padded to the model's multiple on its
+own, so every image gets exactly the latent it would get if it were encoded alone (padding all images to one
+common size would change the results: reflect padding feeds into GroupNorm statistics and attention).
+
+Results mirror the input: a tensor in gives a tensor out; a list in gives a list out (one tensor per image).
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
+import importlib
+import weakref
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from torch import nn
 
-from vaekit.errors import BadInputError
-from vaekit.formats.io import file_sha256, find_diffusers_weights, write_safetensors
-from vaekit.vae import VAE
+from vaekit import validation
+from vaekit.errors import BadInputError, VaekitError
+from vaekit.ops import precision as prec
+from vaekit.ops.device import choose_device, default_budget
+from vaekit.ops.images import crop_padding, pad_to_multiple
 
-PathLike = str | os.PathLike[str]
-FORMAT_NAME = "vaekit-latents"
-FORMAT_VERSION = 1
-METADATA_KEY = "vaekit.latents"
-SHORT_HASH_LEN = 10
+if TYPE_CHECKING:
+    from vaekit.vae import VAE
 
-Size = tuple[int, int]
+TILING_MODES = ("auto", "off", "exact", "fast")
+
 Padding = tuple[int, int, int, int]
-
-# sha256 of weight files, keyed by (path, size, mtime): hashing a 300 MB file once per process is enough.
-_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+Size = tuple[int, int]
 
 
-def vae_sha256(vae: VAE) -> str:
-    """The VAE's identity: the sha256 of its weight file, or ``random-init:<preset>`` for a preset model."""
-    origin = vae.origin
-    if origin.sha256:
-        return origin.sha256
-    if origin.path is None:
-        return f"random-init:{origin.name.split(' ')[0]}"
-    path = Path(origin.path)
-    if path.is_dir():
-        path = find_diffusers_weights(path)[1]
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        _SHA_CACHE[key] = file_sha256(path)
-    return _SHA_CACHE[key]
+@dataclass(frozen=True)
+class CodecOptions:
+    """How to run an encode or decode: precision, tiling, memory budget, sampling, device."""
+
+    precision: str = "fp32"  # "fp32" | "bf16" | "fp16" | "auto"
+    tiling: str = "auto"  # "auto" | "off" | "exact" | "fast"
+    max_memory: int | None = None  # bytes; None = a fraction of the device's free memory
+    tile_size: int | None = None  # force a tile size (pixels), else derived from max_memory
+    sample: bool = False  # sample the posterior instead of taking its mode
+    seed: int | None = None
+    compile: bool = False  # torch.compile the model's encode/decode
+    device: str | None = None  # run on another device than the weights' (a converted copy is cached)
+    channels_last: bool = True  # NHWC activations: faster convolutions with oneDNN and cuDNN
+    fast: bool = True  # run rewritten inference blocks (vaekit.ops.fastpath): same maths, fewer operations
+
+    def __post_init__(self) -> None:
+        prec.parse_precision(self.precision)
+        if self.tiling not in TILING_MODES:
+            raise BadInputError(f"unknown tiling mode {self.tiling!r}; use one of {', '.join(TILING_MODES)}")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise BadInputError(f"max_memory must be a positive number of bytes, got {self.max_memory}")
+        if self.tile_size is not None and self.tile_size <= 0:
+            raise BadInputError(f"tile_size must be a positive number of pixels, got {self.tile_size}")
 
 
-def short_hash(sha: str) -> str:
-    """The first hex digits of a sha256 (what UIs show); random-init identities are returned whole."""
-    return sha if sha.startswith("random-init:") else sha[:SHORT_HASH_LEN]
+def make_options(options: CodecOptions | None = None, **kwargs: Any) -> CodecOptions:
+    """``options`` (default :class:`CodecOptions`) with fields replaced; unknown names are a clear error."""
+    base = options or CodecOptions()
+    names = {f.name for f in dataclasses.fields(CodecOptions)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise BadInputError(f"unknown codec option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return dataclasses.replace(base, **kwargs) if kwargs else base
 
 
 @dataclass
-class LatentFile:
-    """A latent file read back: tensors and parsed metadata."""
+class EncodeResult:
+    """Latents (normalised as diffusion models use them), the raw posterior, and what it took to get them."""
 
-    latents: torch.Tensor  # (N, C, h, w), scaled as diffusion models use them
-    mean: torch.Tensor | None
-    logvar: torch.Tensor | None
-    vae_sha256: str
-    vae_short_hash: str
-    vae_name: str
-    family: str
-    kind: str
-    scaling_factor: float
-    shift_factor: float
-    image_sizes: list[Size]  # (width, height) of each original image
-    paddings: list[Padding]  # (left, top, right, bottom) pixels
-    dtype: str
-    sampled: bool
-    extra: dict[str, str] = field(default_factory=dict)
-    path: Path | None = None
-
-    @property
-    def image_size(self) -> Size:
-        """(width, height) of the first image (all of them when the file holds one)."""
-        return self.image_sizes[0]
-
-    @property
-    def padding(self) -> Padding:
-        """Padding of the first image."""
-        return self.paddings[0]
-
-    def check_vae(self, vae: VAE) -> None:
-        """Raise BadInputError when ``vae`` cannot decode these latents (another family or channel count)."""
-        if vae.latent_channels != self.latents.shape[1]:
-            raise BadInputError(
-                f"{self.path}: latents have {self.latents.shape[1]} channels, the {vae.family} VAE takes "
-                f"{vae.latent_channels}"
-            )
-        if vae.family != self.family and "custom" not in (vae.family, self.family):
-            raise BadInputError(f"{self.path}: latents of the {self.family} family; this VAE is {vae.family}")
+    latents: torch.Tensor | list[torch.Tensor]
+    mean: torch.Tensor | list[torch.Tensor] | None  # raw posterior mean (None for deterministic encoders)
+    logvar: torch.Tensor | list[torch.Tensor] | None  # raw posterior log-variance (None for deterministic ones)
+    image_sizes: list[Size]  # (width, height) of each input image
+    paddings: list[Padding]  # (left, top, right, bottom) pixels added to each image
+    notes: list[str] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    tiled: bool = False
+    sampled: bool = False
+    alphas: list[torch.Tensor | None] = field(default_factory=list)  # alpha kept aside from RGBA inputs
 
 
-def _per_item(value: Any, n: int, length: int, what: str) -> list[tuple[int, ...]]:
+@dataclass
+class DecodeResult:
+    """Images in [0, 1] (float32, cropped to their original size) and what it took to get them."""
+
+    images: torch.Tensor | list[torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+    dtype: torch.dtype = torch.float32
+    tiled: bool = False
+
+
+# --- grouping ---------------------------------------------------------------------------------------------------
+def _groups(shapes: Sequence[tuple[int, ...]]) -> list[list[int]]:
+    """Indices grouped by equal shape, in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault(tuple(s), []).append(i)
+    return list(groups.values())
+
+
+# --- tiling dispatch -------------------------------------------------------------------------------------------
+def _tiling_module() -> Any | None:
+    try:
+        return importlib.import_module("vaekit.ops.tiling")
+    except ModuleNotFoundError as e:
+        if e.name != "vaekit.ops.tiling":
+            raise
+        return None
+
+
+def _report_notes(report: object) -> list[str]:
+    notes = report.get("notes") if isinstance(report, dict) else getattr(report, "notes", None)
+    return [str(n) for n in notes or []]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    tiled: bool
+    mode: str  # "exact" | "fast" when tiled
+    chunk: int  # batch items per model call when untiled
+    budget: int
+
+
+def _plan(
+    vae: VAE, op: str, item_shape: tuple[int, ...], n: int, dtype: torch.dtype, opts: CodecOptions, dev: torch.device
+) -> _Plan:
+    """Decide tiled or not, and how many items per call, from the memory estimate and the budget."""
+    budget = opts.max_memory or default_budget(dev)
+    if opts.tiling == "off":
+        return _Plan(False, "", n, budget)
+    tiling = _tiling_module()
+    if opts.tiling in ("exact", "fast"):
+        if tiling is None:
+            raise VaekitError(f"tiling={opts.tiling!r} needs vaekit.ops.tiling, which this installation lacks")
+        return _Plan(True, opts.tiling, 1, budget)
+    if opts.tile_size is not None and tiling is not None:
+        return _Plan(True, "exact", 1, budget)
+    if tiling is None:
+        return _Plan(False, "", n, budget)
+    one = int(tiling.estimate_memory(vae.config, op, (1, *item_shape), dtype))
+    if one > budget:
+        return _Plan(True, "exact", 1, budget)
+    return _Plan(False, "", max(1, min(n, budget // max(one, 1))), budget)
+
+
+# --- compiled callables ----------------------------------------------------------------------------------------
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[..., Any]]] = weakref.WeakKeyDictionary()
+
+
+def _model_fn(model: nn.Module, op: str, compile_: bool) -> Callable[..., Any]:
+    fn = getattr(model, op)
+    if not compile_:
+        return fn
+    per_model = _COMPILED.setdefault(model, {})
+    if op not in per_model:
+        per_model[op] = torch.compile(fn, dynamic=False)
+    return per_model[op]
+
+
+def _runner(
+    vae: VAE, op: str, plan: _Plan, opts: CodecOptions, dev: torch.device, notes: list[str]
+) -> Callable[[torch.dtype, torch.Tensor], torch.Tensor]:
+    """A function (dtype, images in [0, 1] or raw latents) -> model output (moments or images), untiled or tiled."""
+
+    def run(dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
+        # The tiling module walks the model's own blocks, so only untiled runs get the rewritten fast blocks.
+        model = prec.execution_model(vae.model, dtype, dev, opts.channels_last, fast=opts.fast and not plan.tiled)
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        x = x.to(device=dev, dtype=dtype, memory_format=fmt)
+        if plan.tiled:
+            tiling = _tiling_module()
+            fn = tiling.tiled_encode if op == "encode" else tiling.tiled_decode  # type: ignore[union-attr]
+            out, report = fn(model, x, plan.mode, plan.budget, opts.tile_size, fp32_fallback=True)
+            notes.extend(_report_notes(report))
+        else:
+            out = _model_fn(model, op, opts.compile)(x)
+        if isinstance(out, tuple):  # KL encode: (mean, logvar) -> moments
+            out = torch.cat(out, dim=1)
+        return out
+
+    return run
+
+
+# --- encode ----------------------------------------------------------------------------------------------------
+def _stack(items: list[torch.Tensor]) -> torch.Tensor:
+    return items[0].unsqueeze(0) if len(items) == 1 else torch.stack(items)
+
+
+def encode(
+    vae: VAE,
+    images: torch.Tensor | list[torch.Tensor],
+    options: CodecOptions | None = None,
+    generator: torch.Generator | None = None,
+) -> EncodeResult:
+    """Images in [0, 1] (N, 3, H, W) or a list of (3, H, W) of any sizes -> scaled latents and the posterior."""
+    opts = options or CodecOptions()
+    vae.require("encoder")
+    items, was_tensor = validation.items(images, "images")
+    in_ch = vae.config.in_channels
+    checked = [validation.image(img, in_ch, i) for i, img in enumerate(items)]  # all checks before any work
+    dev = choose_device(opts.device) if opts.device else vae.device
+    dtype = prec.resolve_dtype(opts.precision, dev)
+    gaussian = vae.gaussian
+    mult = vae.downscale
+    notes: list[str] = []
+    moments: list[torch.Tensor | None] = [None] * len(items)
+    sizes: list[Size] = [(int(img.shape[2]), int(img.shape[1])) for img, _ in checked]
+    paddings: list[Padding] = [(0, 0, 0, 0)] * len(items)
+    any_tiled = False
+    for group in _groups([img.shape for img, _ in checked]):
+        batch = _stack([checked[i][0] for i in group]).float()
+        batch, pad = pad_to_multiple(batch, mult)
+        plan = _plan(vae, "encode", tuple(batch.shape[1:]), len(group), dtype, opts, dev)
+        any_tiled |= plan.tiled
+        run = _runner(vae, "encode", plan, opts, dev, notes)
+        for start in range(0, len(group), plan.chunk):
+            ids = group[start : start + plan.chunk]
+            with torch.inference_mode():
+                x = batch[start : start + plan.chunk].to(dev)
+                out, item_notes = prec.run_guarded(run, x, dtype, "encode", item_ids=ids)
+            notes.extend(item_notes)
+            for j, i in enumerate(ids):
+                moments[i] = out[j]
+                paddings[i] = pad
+    # Outside inference mode from here: the results are ordinary tensors that autograd code can use.
+    latents: list[torch.Tensor] = []
+    means: list[torch.Tensor] = []
+    logvars: list[torch.Tensor] = []
+    for m in moments:
+        assert m is not None
+        if not gaussian:
+            latents.append(vae.normalise(m.clone()[None])[0])
+            continue
+        mean, logvar = m.clone().chunk(2, dim=0)
+        logvar = logvar.clamp(-30.0, 20.0)
+        z = mean
+        if opts.sample:
+            gen = generator
+            if gen is None and opts.seed is not None:
+                gen = torch.Generator().manual_seed(opts.seed)
+                generator = gen  # one stream for the whole batch, in item order
+            noise = torch.randn(mean.shape, generator=gen, dtype=torch.float32).to(mean.device)
+            z = mean + torch.exp(0.5 * logvar) * noise
+        means.append(mean)
+        logvars.append(logvar)
+        latents.append(vae.normalise(z[None])[0])
+
+    def shaped(xs: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return torch.stack(xs) if was_tensor else xs
+
+    return EncodeResult(
+        latents=shaped(latents),
+        mean=shaped(means) if gaussian else None,
+        logvar=shaped(logvars) if gaussian else None,
+        image_sizes=sizes,
+        paddings=paddings,
+        notes=notes,
+        dtype=dtype,
+        tiled=any_tiled,
+        sampled=bool(opts.sample and gaussian),
+        alphas=[a for _, a in checked],
+    )
+
+
+# --- decode ----------------------------------------------------------------------------------------------------
+def _per_item(value: object, n: int, length: int, what: str) -> list[tuple[int, ...] | None]:
+    """One (w, h) / padding for all items, or a list with one per item."""
+    if value is None:
+        return [None] * n
     if isinstance(value, (list, tuple)) and len(value) == length and all(isinstance(v, int) for v in value):
         return [tuple(int(v) for v in value)] * n
-    if isinstance(value, (list, tuple)) and len(value) == n and all(isinstance(v, (list, tuple)) for v in value):
-        if all(len(v) == length and all(isinstance(x, int) for x in v) for v in value):
-            return [tuple(int(x) for x in v) for v in value]
-    raise BadInputError(f"{what} must be {length} integers or one such entry per latent, got {value!r}")
+    if isinstance(value, (list, tuple)) and len(value) == n:
+        out = []
+        for v in value:
+            if v is not None and not (isinstance(v, (list, tuple)) and len(v) == length):
+                raise BadInputError(f"{what} must be {length} integers or one such entry per item, got {value!r}")
+            out.append(None if v is None else tuple(int(x) for x in v))
+        return out
+    raise BadInputError(f"{what} must be {length} integers or a list with one entry per item, got {value!r}")
 
 
-def _batch(t: torch.Tensor | list[torch.Tensor] | None, what: str) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if isinstance(t, list):
-        if len({tuple(x.shape) for x in t}) > 1:
-            raise BadInputError(f"{what} of different sizes cannot share one file: save them one per file")
-        t = torch.stack(t)
-    if not isinstance(t, torch.Tensor):
-        raise BadInputError(f"{what} must be a tensor, got {type(t).__name__}")
-    if t.ndim == 3:
-        t = t.unsqueeze(0)
-    if t.ndim != 4:
-        raise BadInputError(f"{what} must be (N, C, h, w) or (C, h, w), got shape {tuple(t.shape)}")
-    return t
-
-
-def save_latents(
-    path: PathLike,
-    latents: torch.Tensor | list[torch.Tensor],
+def decode(
     vae: VAE,
-    *,
-    image_size: Size | list[Size],
-    padding: Padding | list[Padding],
-    mean: torch.Tensor | list[torch.Tensor] | None = None,
-    logvar: torch.Tensor | list[torch.Tensor] | None = None,
-    overwrite: bool = False,
-    extra: dict[str, str] | None = None,
-    sampled: bool = False,
-) -> Path:
-    """Write latents (and optionally the raw posterior mean/logvar) with their metadata, atomically."""
-    path = Path(path)
-    if path.suffix.lower() != ".safetensors":
-        raise BadInputError(f"{path}: latent files are .safetensors")
-    if path.exists() and not overwrite:
-        raise BadInputError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
-    lat = _batch(latents, "latents")
-    assert lat is not None
-    if lat.shape[1] != vae.latent_channels:
-        raise BadInputError(f"latents have {lat.shape[1]} channels, this {vae.family} VAE makes {vae.latent_channels}")
-    if not lat.is_floating_point() or not bool(torch.isfinite(lat).all()):
-        raise BadInputError("latents must be finite floating-point values")
-    n = lat.shape[0]
-    tensors = {"latents": lat}
-    for name, t in (("mean", _batch(mean, "mean")), ("logvar", _batch(logvar, "logvar"))):
-        if t is not None:
-            if tuple(t.shape) != tuple(lat.shape):
-                raise BadInputError(f"{name} has shape {tuple(t.shape)}, the latents {tuple(lat.shape)}")
-            tensors[name] = t
-    if ("mean" in tensors) != ("logvar" in tensors):
-        raise BadInputError("save the posterior mean and logvar together, or neither")
+    latents: torch.Tensor | list[torch.Tensor],
+    options: CodecOptions | None = None,
+    image_size: Size | Sequence[Size | None] | None = None,
+    padding: Padding | Sequence[Padding | None] | None = None,
+) -> DecodeResult:
+    """Normalised latents -> images in [0, 1], float32, ``padding`` (pixels) removed and cropped to ``image_size``.
+
+    ``image_size`` is (width, height); both it and ``padding`` take one value for all items or one per item.
+    """
+    opts = options or CodecOptions()
+    vae.require("decoder")
+    items, was_tensor = validation.items(latents, "latents")
+    for i, z in enumerate(items):
+        validation.latent(z, vae.latent_channels, vae.family, i)
+    n = len(items)
     sizes = _per_item(image_size, n, 2, "image_size")
     pads = _per_item(padding, n, 4, "padding")
-    if extra is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
-        raise BadInputError("extra metadata must map strings to strings")
-    sha = vae_sha256(vae)
-    info = {
-        "vae_sha256": sha,
-        "vae_short_hash": short_hash(sha),
-        "vae_name": vae.origin.name,
-        "family": vae.family,
-        "kind": vae.config.kind,
-        "scaling_factor": vae.config.scaling_factor,
-        "shift_factor": vae.config.shift_factor,
-        "image_sizes": [list(s) for s in sizes],
-        "paddings": [list(p) for p in pads],
-        "dtype": str(lat.dtype).removeprefix("torch."),
-        "sampled": bool(sampled),
-        "extra": dict(extra or {}),
-    }
-    metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), METADATA_KEY: json.dumps(info)}
-    write_safetensors(tensors, path, metadata)
-    return path
+    mult = vae.downscale
+    out_sizes: list[Size] = []
+    for i, z in enumerate(items):
+        w, h = int(z.shape[2]) * mult, int(z.shape[1]) * mult
+        left, top, right, bottom = pads[i] or (0, 0, 0, 0)
+        if min(left, top, right, bottom) < 0 or left + right >= w or top + bottom >= h:
+            raise BadInputError(f"padding {pads[i]} does not fit the {w}x{h} image decoded from latent {i}")
+        w, h = w - left - right, h - top - bottom
+        if sizes[i] is not None:
+            sw, sh = sizes[i]  # type: ignore[misc]
+            if not (0 < sw <= w and 0 < sh <= h):
+                raise BadInputError(f"image_size {sw}x{sh} does not fit the {w}x{h} image decoded from latent {i}")
+            w, h = sw, sh
+        out_sizes.append((w, h))
+    if was_tensor and len(set(out_sizes)) > 1:
+        raise BadInputError("the images have different sizes: pass the latents as a list to get a list of images")
+    dev = choose_device(opts.device) if opts.device else vae.device
+    dtype = prec.resolve_dtype(opts.precision, dev)
+    notes: list[str] = []
+    decoded: list[torch.Tensor | None] = [None] * n
+    any_tiled = False
+    for group in _groups([z.shape for z in items]):
+        batch = vae.denormalise(_stack([items[i] for i in group]).float())  # raw latents: what the decoder takes
+        plan = _plan(vae, "decode", tuple(batch.shape[1:]), len(group), dtype, opts, dev)
+        any_tiled |= plan.tiled
+        run = _runner(vae, "decode", plan, opts, dev, notes)
+        for start in range(0, len(group), plan.chunk):
+            ids = group[start : start + plan.chunk]
+            with torch.inference_mode():
+                z = batch[start : start + plan.chunk].to(dev)
+                out, item_notes = prec.run_guarded(run, z, dtype, "decode", item_ids=ids)
+            notes.extend(item_notes)
+            for j, i in enumerate(ids):
+                decoded[i] = out[j]
+    images: list[torch.Tensor] = []
+    for i, img in enumerate(decoded):
+        assert img is not None
+        if pads[i] is not None:
+            img = crop_padding(img, pads[i])  # type: ignore[arg-type]
+        w, h = out_sizes[i]
+        img = img[:, :h, :w]
+        images.append(img.clamp(0, 1).contiguous())  # a fresh, ordinary (non-inference) tensor
+    return DecodeResult(images=torch.stack(images) if was_tensor else images, notes=notes, dtype=dtype, tiled=any_tiled)
 
 
-def _not_ours(path: Path, why: str) -> BadInputError:
-    return BadInputError(f"{path}: not a vaekit latent file ({why})")
-
-
-def load_latents(path: PathLike) -> LatentFile:
-    """Read a latent file written by :func:`save_latents`; a clear error for anything else."""
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"{path}: no such file")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            if meta.get("format") != FORMAT_NAME or METADATA_KEY not in meta:
-                raise _not_ours(path, "no vaekit latent metadata; is it a model file?")
-            keys = set(f.keys())
-            if "latents" not in keys:
-                raise _not_ours(path, "no 'latents' tensor")
-            tensors = {k: f.get_tensor(k) for k in ("latents", "mean", "logvar") if k in keys}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise _not_ours(path, f"unreadable safetensors: {first}") from None
-    try:
-        version = int(meta.get("version", "0"))
-    except ValueError:
-        raise _not_ours(path, f"bad version {meta.get('version')!r}") from None
-    if version > FORMAT_VERSION:
-        raise BadInputError(f"{path}: latent file version {version} is newer than this vaekit reads; upgrade vaekit")
-    try:
-        info = json.loads(meta[METADATA_KEY])
-        lat = tensors["latents"]
-        if lat.ndim != 4:
-            raise ValueError(f"latents have shape {tuple(lat.shape)}")
-        n = lat.shape[0]
-        sizes = [(int(w), int(h)) for w, h in info["image_sizes"]]
-        pads = [tuple(int(x) for x in p) for p in info["paddings"]]
-        if len(sizes) != n or len(pads) != n or any(len(p) != 4 for p in pads):
-            raise ValueError("image sizes or paddings do not match the number of latents")
-        for name in ("mean", "logvar"):
-            if name in tensors and tensors[name].shape != lat.shape:
-                raise ValueError(f"{name} shape {tuple(tensors[name].shape)} differs from the latents'")
-        return LatentFile(
-            latents=lat,
-            mean=tensors.get("mean"),
-            logvar=tensors.get("logvar"),
-            vae_sha256=str(info["vae_sha256"]),
-            vae_short_hash=str(info["vae_short_hash"]),
-            vae_name=str(info.get("vae_name", "")),
-            family=str(info["family"]),
-            kind=str(info.get("kind", "kl")),
-            scaling_factor=float(info["scaling_factor"]),
-            shift_factor=float(info["shift_factor"]),
-            image_sizes=sizes,
-            paddings=pads,  # type: ignore[arg-type]
-            dtype=str(info.get("dtype", str(lat.dtype).removeprefix("torch."))),
-            sampled=bool(info.get("sampled", False)),
-            extra={str(k): str(v) for k, v in dict(info.get("extra", {})).items()},
-            path=path,
-        )
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-        raise _not_ours(path, f"damaged metadata: {str(e)[:160]}") from None
-
-
-def save_encoded(
-    path: PathLike,
-    result: Any,
-    vae: VAE,
-    *,
-    with_posterior: bool = False,
-    overwrite: bool = False,
-    extra: dict[str, str] | None = None,
-) -> Path:
-    """Write an :class:`~vaekit.ops.pipeline.EncodeResult` (all its items must share one size)."""
-    return save_latents(
-        path,
-        result.latents,
-        vae,
-        image_size=list(result.image_sizes),
-        padding=list(result.paddings),
-        mean=result.mean if with_posterior else None,
-        logvar=result.logvar if with_posterior else None,
-        overwrite=overwrite,
-        extra=extra,
-        sampled=result.sampled,
-    )
+def roundtrip(
+    vae: VAE, images: torch.Tensor | list[torch.Tensor], options: CodecOptions | None = None
+) -> tuple[EncodeResult, DecodeResult]:
+    """Encode then decode, cropping back to each input's size; RGBA inputs get their alpha back unchanged."""
+    enc = encode(vae, images, options)
+    dec = decode(vae, enc.latents, options, image_size=enc.image_sizes, padding=enc.paddings)
+    if any(a is not None for a in enc.alphas):
+        imgs = dec.images
+        merged = [
+            torch.cat([img, a.to(img.device, img.dtype)]) if a is not None else img
+            for img, a in zip(list(imgs), enc.alphas, strict=True)
+        ]
+        dec.images = torch.stack(merged) if isinstance(imgs, torch.Tensor) else merged  # a tensor: all have alpha
+    return enc, dec

@@ -557,7 +557,7 @@ def tiled_encode(
     fp32_fallback: bool = True,
     measure_error: bool = False,
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | torch.Tensor, TileReport]:
-    """Tiled ``model.encode``: KL image in [-1, 1] -> (mean, logvar); tiny image in [0, 1] -> latents."""
+    """Tiled ``model.encode``: images in [0, 1] -> (mean, logvar) of a KL model, or a tiny model's latents."""
     return _tiled(model, x, "encode", mode, max_memory, tile_size, fp32_fallback, measure_error)
 
 
@@ -570,7 +570,7 @@ def tiled_decode(
     fp32_fallback: bool = True,
     measure_error: bool = False,
 ) -> tuple[torch.Tensor, TileReport]:
-    """Tiled ``model.decode``: KL raw latent -> image in [-1, 1]; tiny latent -> image in [0, 1]."""
+    """Tiled ``model.decode``: raw latent -> images in [0, 1] (not clamped), as ``model.decode``."""
     out, report = _tiled(model, z, "decode", mode, max_memory, tile_size, fp32_fallback, measure_error)
     assert isinstance(out, torch.Tensor)
     return out, report
@@ -598,12 +598,15 @@ def _tiled(
     plan = plan_tiles(cfg, op, tuple(x.shape), x.dtype, max_memory, tile_size, mode)
     notes: list[str] = []
     with torch.inference_mode():
+        net_x = model.net_input(x) if op == "encode" else x  # the model owns its input range
         try:
-            out, passes = _execute(model, cfg, op, x, plan, fallback, notes)
+            out, passes = _execute(model, cfg, op, net_x, plan, fallback, notes)
         except eng.PromoteToFloat32 as e:
             notes.append(f"{e} overflowed {eng.dtype_name(x.dtype)} even in fp32; whole {op} recomputed in fp32")
-            out, passes = _execute(model, cfg, op, x.float(), plan, fallback, notes)
+            out, passes = _execute(model, cfg, op, net_x.float(), plan, fallback, notes)
             out = _cast_back(out, x.dtype)
+        if op == "decode":
+            out = model.net_output(out)
         report = TileReport(plan, passes, notes)
         if measure_error:
             report.error = _error(getattr(model, op)(x), out)

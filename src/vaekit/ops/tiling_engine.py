@@ -25,91 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaekit.models.stages import Stage
+
 Stats = tuple[torch.Tensor, torch.Tensor]  # (mean, var) of shape (N, G), float64
 
 
-@dataclass(frozen=True)
-class Stage:
-    """One step between two synchronisation points: [GroupNorm+SiLU | 1x1] -> [up|down] -> 3x3 conv -> [+skip]."""
-
-    name: str
-    src: str
-    dst: str
-    conv: nn.Conv2d
-    norm: nn.GroupNorm | None = None
-    resample: str = ""  # "" | "up" (nearest x2 before the conv) | "down" (LDM pad right/bottom, stride 2)
-    pre: nn.Conv2d | None = None  # 1x1 conv applied to the input before the 3x3 conv (post_quant_conv)
-    post: nn.Conv2d | None = None  # 1x1 conv applied after it (quant_conv)
-    skip: str | None = None  # store added to the output (resnet residual)
-    shortcut: nn.Conv2d | None = None  # 1x1 applied to the residual when the width changes
-    attn: nn.Module | None = None  # an AttnBlock: the stage is the whole attention block instead of a conv
-
-    @property
-    def out_channels(self) -> int:
-        """Channels of the output store."""
-        if self.attn is not None:
-            return int(self.attn.proj_out.out_channels)  # type: ignore[union-attr]
-        return int((self.post or self.conv).out_channels)
-
-    def out_size(self, h: int, w: int) -> tuple[int, int]:
-        """Output spatial size for an input of ``h`` x ``w``."""
-        if self.resample == "up":
-            return 2 * h, 2 * w
-        if self.resample == "down":
-            return h // 2, w // 2
-        return h, w
-
-
-def _resnet(stages: list[Stage], name: str, block: nn.Module, src: str) -> str:
-    stages.append(Stage(f"{name}.conv1", src, f"{name}.h", block.conv1, block.norm1))
-    shortcut = getattr(block, "nin_shortcut", None)
-    stages.append(Stage(f"{name}.conv2", f"{name}.h", name, block.conv2, block.norm2, skip=src, shortcut=shortcut))
-    return name
-
-
-def _mid(stages: list[Stage], prefix: str, mid: nn.Module, src: str) -> str:
-    cur = _resnet(stages, f"{prefix}.mid.block_1", mid.block_1, src)
-    if hasattr(mid, "attn_1"):
-        name = f"{prefix}.mid.attn_1"
-        stages.append(Stage(name, cur, name, mid.attn_1.q, mid.attn_1.norm, attn=mid.attn_1))
-        cur = name
-    return _resnet(stages, f"{prefix}.mid.block_2", mid.block_2, cur)
-
-
 def decoder_stages(model: nn.Module) -> list[Stage]:
-    """The KL decoder (with post_quant_conv) as a list of stages from store ``in`` (raw z) to store ``out``."""
-    dec = model.decoder
-    pre = getattr(model, "post_quant_conv", None)
-    stages = [Stage("decoder.conv_in", "in", "decoder.conv_in", dec.conv_in, pre=pre)]
-    cur = _mid(stages, "decoder", dec.mid, "decoder.conv_in")
-    for i in reversed(range(len(dec.up))):
-        level = dec.up[i]
-        for j, block in enumerate(level.block):
-            cur = _resnet(stages, f"decoder.up.{i}.block.{j}", block, cur)
-        if hasattr(level, "upsample"):
-            name = f"decoder.up.{i}.upsample"
-            stages.append(Stage(name, cur, name, level.upsample.conv, resample="up"))
-            cur = name
-    stages.append(Stage("decoder.conv_out", cur, "out", dec.conv_out, dec.norm_out))
-    return stages
+    """The KL decoder as stages (the model describes itself: :meth:`AutoencoderKL.stages`)."""
+    return model.stages("decode")  # type: ignore[operator]
 
 
 def encoder_stages(model: nn.Module) -> list[Stage]:
-    """The KL encoder (with quant_conv) as stages from store ``in`` (image in [-1, 1]) to ``out`` (moments)."""
-    enc = model.encoder
-    stages = [Stage("encoder.conv_in", "in", "encoder.conv_in", enc.conv_in)]
-    cur = "encoder.conv_in"
-    for i, level in enumerate(enc.down):
-        for j, block in enumerate(level.block):
-            cur = _resnet(stages, f"encoder.down.{i}.block.{j}", block, cur)
-        if hasattr(level, "downsample"):
-            name = f"encoder.down.{i}.downsample"
-            stages.append(Stage(name, cur, name, level.downsample.conv, resample="down"))
-            cur = name
-    cur = _mid(stages, "encoder", enc.mid, cur)
-    post = getattr(model, "quant_conv", None)
-    stages.append(Stage("encoder.conv_out", cur, "out", enc.conv_out, enc.norm_out, post=post))
-    return stages
+    """The KL encoder as stages (see :meth:`AutoencoderKL.stages`)."""
+    return model.stages("encode")  # type: ignore[operator]
 
 
 # --- stores ----------------------------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def _posterior_means(model: nn.Module, cfg: VAEConfig, images: Iterable[torch.Te
     for img in images:
         x = img.float()[None] / 255 if img.dtype == torch.uint8 else img.float()[None]
         x, _ = pad_to_multiple(x, cfg.downscale)
-        mean, _ = model.encode(x.to(next(model.parameters()).device) * 2 - 1)
+        mean, _ = model.encode(x.to(next(model.parameters()).device))
         yield mean.float().cpu()
 
 
@@ -97,11 +97,14 @@ def calibrate(vae: object, images: list[torch.Tensor]) -> Calibration:
     from vaekit.vae import VAE
 
     assert isinstance(vae, VAE)
-    if vae.config.kind != "kl":
-        raise BadInputError("the tiny (TAESD) VAE has no raw latent to calibrate: its latents are already scaled")
+    if not vae.gaussian or vae.normaliser.kind != "scalar":
+        raise BadInputError(
+            f"{vae.origin.name}: only a full VAE with a scalar latent scale/shift can be calibrated "
+            f"(this one normalises with {vae.normaliser.describe()})"
+        )
     stats = LatentStats()
     for img in images:
-        x, _ = pad_to_multiple(img.float()[None], vae.downscale)
+        x, _ = pad_to_multiple(img.float()[None], vae.raw_downscale)
         mean, _ = vae.encode_posterior(x)
         stats.add(mean)
     return stats.factors(len(images))

@@ -59,18 +59,16 @@ def reconstruct(
     ``generator`` is given, else decodes the posterior mean.
     """
     with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-        if cfg.kind == "tiny":
+        if not cfg.gaussian:
             z = model.encode(x)
             mean = logvar = None
         else:
-            mean, logvar = model.encode(x * 2 - 1)
+            mean, logvar = model.encode(x)
             z = mean
             if generator is not None:
                 noise = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
                 z = mean + torch.exp(0.5 * logvar) * noise
-    if cfg.kind == "tiny":
-        return model.decode(z), None, None
-    return (model.decode(z) + 1) / 2, mean, logvar
+    return model.decode(z), mean, logvar
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> float:

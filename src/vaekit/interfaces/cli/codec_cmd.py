@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vaekit.errors import BadInputError
+from vaekit.formats.latent_file import load_latents, save_latents, vae_sha256
 from vaekit.interfaces.cli import core as cli
 from vaekit.interfaces.cli.common import (
     DeviceOption,
@@ -34,8 +35,7 @@ from vaekit.interfaces.cli.common import (
 )
 from vaekit.interfaces.cli.core import app
 from vaekit.interfaces.cli.output import emit_json
-from vaekit.ops import pipeline
-from vaekit.ops.codec import load_latents, save_latents, vae_sha256
+from vaekit.ops import codec as pipeline
 from vaekit.ops.images import LoadedImage, read_image, save_image
 from vaekit.vae import VAE
 

@@ -63,7 +63,7 @@ def inspect_command(
             ("dtype", r.dtype),
             ("parts", ", ".join(r.parts)),
             ("parameters", f"{r.params_total:,} (encoder {r.params_encoder:,}, decoder {r.params_decoder:,})"),
-            ("scaling / shift", f"{r.scaling_factor} / {r.shift_factor}"),
+            ("normaliser", r.normaliser),
             ("sha256", r.sha256),
             ("short hash", r.short_hash),
             ("known as", r.known_as or "-"),

@@ -100,7 +100,7 @@ def sample_command(
     images = model.decode(z)
     _save(render.grid(images, columns), output, overwrite)
     if latents_out is not None:
-        from vaekit.ops.codec import save_latents
+        from vaekit.formats.latent_file import save_latents
 
         with writing(latents_out):
             save_latents(latents_out, z, model, image_size=(size, size), padding=(0, 0, 0, 0), overwrite=overwrite)
@@ -172,11 +172,11 @@ def preview_command(
     The VAE's own fitted map (see fit-preview) is used when --vae names a file that has one; without --vae,
     the published map of the latents' family, else the selected VAE's fitted map.
     """
-    from vaekit.ops.codec import load_latents
+    from vaekit.formats.latent_file import load_latents
 
     refuse_existing(output, overwrite)
     lf = load_latents(latents)
-    if vae is None and lf.family in preview.FAMILY_RGB_FACTORS:
+    if vae is None and preview.published_factors(lf.family) is not None:
         pmap = preview.family_preview_map(lf.family)
     else:
         model = load_selected_vae(vae, "cpu")
@@ -262,7 +262,7 @@ def show_latent_command(
         model = load_selected_vae(vae, device)
         z = model.encode(_image(latents).unsqueeze(0))
     else:
-        from vaekit.ops.codec import load_latents
+        from vaekit.formats.latent_file import load_latents
 
         z = load_latents(latents).latents
     if not 0 <= index < len(z):

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 from vaekit.interfaces.server.model_cache import ModelCache
-from vaekit.ops import pipeline
-from vaekit.ops.pipeline import CodecOptions
+from vaekit.ops import codec as pipeline
+from vaekit.ops.codec import CodecOptions
 from vaekit.ops.precision import resolve_dtype
 from vaekit.vae import VAE
 

@@ -20,7 +20,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vaekit.errors import BadInputError
-from vaekit.ops import codec, images
+from vaekit.formats import latent_file as codec
+from vaekit.ops import images
 from vaekit.ops.images import to_pil
 
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "TIFF"}
@@ -226,7 +227,7 @@ def latents_file_bytes(
     padding: tuple[int, int, int, int],
     stem: str,
 ) -> bytes:
-    """A vaekit latent file (``vaekit.ops.codec`` layout and metadata) as bytes, built in the server's temp folder."""
+    """A vaekit latent file (``vaekit.formats.latent_file`` layout) as bytes, built in the server's temp folder."""
     path = tmpdir / f"{stem}.safetensors"
     try:
         codec.save_latents(path, latents, vae, image_size=image_size, padding=padding)  # type: ignore[arg-type]

@@ -16,7 +16,7 @@ from vaekit.interfaces.server.engine import Engine, WorkKey, WorkResult
 from vaekit.interfaces.server.model_cache import ModelCache
 from vaekit.interfaces.server.scheduler import BatchScheduler
 from vaekit.interfaces.server.settings import ServerSettings
-from vaekit.ops.pipeline import TILING_MODES
+from vaekit.ops.codec import TILING_MODES
 from vaekit.ops.precision import parse_precision
 
 
