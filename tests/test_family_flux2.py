@@ -17,23 +17,32 @@ from vaekit.normalisers import PatchBatchNorm, patchify, unpatchify
 pytest.importorskip("diffusers")
 
 
+# diffusers' Flux2Pipeline._patchify_latents / _unpatchify_latents (diffusers 0.42.1 pipeline_flux2.py), restated
+# here because importing the pipeline needs `transformers`: (N, C, H, W) viewed as (N, C, H/2, 2, W/2, 2), permuted
+# to (N, C, 2, 2, H/2, W/2), flattened to (N, 4C, H/2, W/2); the inverse undoes each step.
+def _patchify_latents(z: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = z.shape
+    return z.view(n, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4).reshape(n, c * 4, h // 2, w // 2)
+
+
+def _unpatchify_latents(p: torch.Tensor) -> torch.Tensor:
+    n, c4, h, w = p.shape
+    return p.reshape(n, c4 // 4, 2, 2, h, w).permute(0, 1, 4, 2, 5, 3).reshape(n, c4 // 4, h * 2, w * 2)
+
+
 def _pipeline_normalise(twin: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What diffusers' Flux2Pipeline feeds its transformer: posterior mode, 2x2 patchify, BatchNorm statistics."""
-    from diffusers import Flux2Pipeline
-
     z = twin.encode(x * 2 - 1).latent_dist.mode()
-    p = Flux2Pipeline._patchify_latents(z)
+    p = _patchify_latents(z)
     mean = twin.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(twin.bn.running_var.view(1, -1, 1, 1) + twin.config.batch_norm_eps)
     return (p - mean) / std
 
 
 def _pipeline_decode(twin: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
-    from diffusers import Flux2Pipeline
-
     mean = twin.bn.running_mean.view(1, -1, 1, 1)
     std = torch.sqrt(twin.bn.running_var.view(1, -1, 1, 1) + twin.config.batch_norm_eps)
-    z = Flux2Pipeline._unpatchify_latents(latents * std + mean)
+    z = _unpatchify_latents(latents * std + mean)
     return (twin.decode(z).sample * 0.5 + 0.5).clamp(0, 1)
 
 

@@ -177,7 +177,12 @@ def _fake_tiling(estimate: int, calls: list[tuple]) -> types.SimpleNamespace:
         calls.append(("tiled_decode", mode, max_memory, tile_size, tuple(z.shape)))
         return model.decode(z), {"notes": []}
 
-    return types.SimpleNamespace(estimate_memory=estimate_memory, tiled_encode=tiled_encode, tiled_decode=tiled_decode)
+    return types.SimpleNamespace(
+        estimate_memory=estimate_memory,
+        tiled_encode=tiled_encode,
+        tiled_decode=tiled_decode,
+        auto_mode=lambda cfg: "exact",
+    )
 
 
 def test_auto_tiling_switches_on_over_budget(micro: VAE, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -45,6 +45,7 @@ class Family:
     modelspec_words: tuple[str, ...] = ()  # lower-case words of ``modelspec.architecture``
     preview: RGBFactors | None = None  # published latent -> RGB factors on normalised latents, RGB in [-1, 1]
     preview_source: str = ""
+    force_upcast: bool = False  # diffusers' config flag: the family's VAE overflows in fp16
 
     @property
     def tiny_partner(self) -> str | None:
@@ -164,6 +165,7 @@ FAMILIES: dict[str, Family] = {
             scale=0.13025,
             presets={"sdxl": _kl("sdxl", 4, 0.13025), "taesdxl": TinyConfig(family="sdxl")},
             checkpoint_markers=("conditioner.embedders.1.", "model.diffusion_model.label_emb."),
+            force_upcast=True,
             modelspec_words=("stable-diffusion-xl", "-xl"),
             preview=_SDXL_RGB,
             preview_source=_COMFY,

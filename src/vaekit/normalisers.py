@@ -1,13 +1,14 @@
 """Latent normalisers: the map between a VAE's raw latent and the latent its diffusion model consumes.
 
-Three kinds cover every family vaekit knows:
+Four kinds cover every family vaekit knows:
 
 - :class:`ScalarAffine` ``(z - shift) * scale`` (SD1/SD2, SDXL, SD3, FLUX.1, DC-AE, HunyuanImage; the tiny VAEs,
   which already speak the normalised space, use scale 1 and shift 0);
 - :class:`PerChannel` ``(z - mean[c]) / std[c]`` (Qwen-Image / Wan 2.1);
 - :class:`PatchBatchNorm` FLUX.2: a 2x2 patchify of the raw (N, C, h, w) latent to (N, 4C, h/2, w/2), channel
   ``c * 4 + dy * 2 + dx`` as in diffusers' ``Flux2Pipeline._patchify_latents``, then
-  ``(p - running_mean) / sqrt(running_var + eps)`` with the BatchNorm statistics stored in the VAE file.
+  ``(p - running_mean) / sqrt(running_var + eps)`` with the BatchNorm statistics stored in the VAE file;
+- :class:`Patchify` the 2x2 patchify alone (TAEF2, whose 32 channels are FLUX.2's normalised latent unpatched).
 
 Each one is a small frozen object with ``normalise``/``denormalise`` and a JSON ``spec`` that latent files store, so
 a latent file can be read back (and its latents turned raw) without the VAE that made it.
@@ -173,7 +174,35 @@ class PatchBatchNorm:
         return f"2x2 patchify to {len(self.running_mean)} channels, then BatchNorm (eps {self.eps:g})"
 
 
-Normaliser = ScalarAffine | PerChannel | PatchBatchNorm
+@dataclass(frozen=True)
+class Patchify:
+    """A 2x2 patchify only: TAEF2's raw latent is FLUX.2's normalised latent before its patches are formed."""
+
+    kind = "patchify"
+    patch = 2
+
+    def normalise(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latent (N, C, h, w) -> patched latent (N, 4C, h/2, w/2)."""
+        return patchify(z)
+
+    def denormalise(self, latents: torch.Tensor) -> torch.Tensor:
+        """Patched latent -> raw latent."""
+        return unpatchify(latents)
+
+    def channels(self, raw_channels: int) -> int:
+        """Channels of the patched latent (4x the raw ones)."""
+        return raw_channels * 4
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-friendly description."""
+        return {"kind": self.kind, "patch": 2}
+
+    def describe(self) -> str:
+        """One short line for people."""
+        return "2x2 patchify (the latent is already normalised)"
+
+
+Normaliser = ScalarAffine | PerChannel | PatchBatchNorm | Patchify
 
 
 def from_spec(spec: dict[str, Any]) -> Normaliser:
@@ -187,6 +216,10 @@ def from_spec(spec: dict[str, Any]) -> Normaliser:
             return ScalarAffine(scale, shift)
         if kind == "per_channel":
             return PerChannel(tuple(float(v) for v in spec["mean"]), tuple(float(v) for v in spec["std"]))
+        if kind == "patchify":
+            if int(spec.get("patch", 2)) != 2:
+                raise ValueError("only 2x2 patches are known")
+            return Patchify()
         if kind == "patch_batchnorm":
             return PatchBatchNorm(
                 tuple(float(v) for v in spec["running_mean"]),

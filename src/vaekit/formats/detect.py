@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from vaekit import families
+from vaekit import families, models
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats import keymaps
 from vaekit.formats.convert import rename_diffusers_to_ldm
@@ -21,14 +21,19 @@ from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 Shapes = dict[str, tuple[int, ...]]
 
 METADATA_CONFIG_KEY = "vaekit.config"
-DIFFUSERS_VAE_CLASSES = ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderTiny")
+
+
+def diffusers_vae_classes() -> tuple[str, ...]:
+    """Class names of the diffusers VAE configs vaekit reads."""
+    foreign = (m.diffusers_config(next(iter(m.PRESETS.values())))["_class_name"] for m in models.FOREIGN.values())
+    return ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderTiny", *foreign)
 
 
 @dataclass
 class Detection:
     """What a set of keys is: layout, where the VAE sits, its architecture and family."""
 
-    layout: str  # "ldm", "diffusers", "taesd", "taesd-diffusers"
+    layout: str  # "ldm" (original names), "diffusers", "taesd", "taesd-diffusers"
     container: str  # "bare" or "checkpoint"
     prefix: str  # prefix stripped to reach the VAE keys ("" for a bare file)
     config: VAEConfig
@@ -185,6 +190,26 @@ def detect(
     keys = list(shapes_in_file)
     container, prefix, inner = _strip_container(keys)
     inner_shapes = {k: shapes_in_file[f] for k, f in inner.items()}
+    foreign = _foreign(inner_shapes)
+    if foreign is not None:
+        cfg, layout = foreign
+        parts = tuple(p for p in ("encoder", "decoder") if getattr(cfg, f"has_{p}", True))
+        key_map = dict(inner)  # names as in the file: a diffusers layout is converted whole when read
+        return _finish(
+            cfg,
+            layout,
+            container,
+            prefix,
+            parts,
+            key_map,
+            keys,
+            inner,
+            metadata,
+            dtypes,
+            family,
+            known_family,
+            diffusers_config,
+        )
     tiny = _is_tiny(list(inner))
     diffusers = any(".layers." in k or "down_blocks." in k or "up_blocks." in k for k in inner)
     if diffusers:
@@ -203,11 +228,63 @@ def detect(
         cfg = _kl_config(shapes)
         layout = "diffusers" if diffusers else "ldm"
     key_map = {k: inner[v] for k, v in ldm_to_inner.items()}
+    return _finish(
+        cfg,
+        layout,
+        container,
+        prefix,
+        parts,
+        key_map,
+        keys,
+        inner,
+        metadata,
+        dtypes,
+        family,
+        known_family,
+        diffusers_config,
+    )
 
+
+def _foreign(shapes: Shapes) -> tuple[VAEConfig, str] | None:
+    """(config, layout) when an architecture module of ``models.FOREIGN`` recognises the keys, original names or
+    diffusers names (converted on meta tensors: nothing is read)."""
+    for mod in models.FOREIGN.values():
+        cfg = mod.config_from_shapes(shapes)
+        if cfg is not None:
+            return cfg, "ldm"
+    metas = {k: torch.empty(s, device="meta") for k, s in shapes.items()}
+    for mod in models.FOREIGN.values():
+        try:
+            converted = mod.from_diffusers(metas)
+        except (LoadError, KeyError, ValueError, IndexError, RuntimeError):
+            continue
+        cfg = mod.config_from_shapes({k: tuple(v.shape) for k, v in converted.items()})
+        if cfg is not None:
+            return cfg, "diffusers"
+    return None
+
+
+def _finish(
+    cfg: VAEConfig,
+    layout: str,
+    container: str,
+    prefix: str,
+    parts: tuple[str, ...],
+    key_map: dict[str, str],
+    keys: list[str],
+    inner: dict[str, str],
+    metadata: dict[str, str],
+    dtypes: dict[str, torch.dtype] | None,
+    family: str | None,
+    known_family: str | None,
+    diffusers_config: dict[str, Any] | None = None,
+) -> Detection:
     meta_cfg, meta_family = _metadata_family(metadata)
     if meta_cfg is not None and meta_cfg.kind == cfg.kind:
         meta_cfg = _keep_facts(meta_cfg, cfg)
         cfg = meta_cfg
+    elif diffusers_config and cfg.kind in models.FOREIGN:
+        cfg = _keep_facts(models.FOREIGN[cfg.kind].config_from_diffusers(diffusers_config), cfg)
     elif diffusers_config:
         cfg = _apply_diffusers_config(cfg, diffusers_config)
     fam, certain, source, note = _decide_family(
@@ -228,6 +305,7 @@ def _keep_facts(meta: VAEConfig, weights: VAEConfig) -> VAEConfig:
     import dataclasses
 
     facts = {"latent_channels", "patch_batchnorm", "nested_quant", "use_quant_conv", "mid_attention"}
+    facts |= {"has_encoder", "has_decoder"}
     fields = {f.name for f in dataclasses.fields(weights)}
     return dataclasses.replace(meta, **{k: getattr(weights, k) for k in facts & fields})
 
@@ -320,6 +398,7 @@ def read_diffusers_config(path: Path) -> dict[str, Any]:
 
     data = read_json(path)
     cls = data.get("_class_name")
-    if cls not in (None, *DIFFUSERS_VAE_CLASSES):
-        raise LoadError(f"{path}: a diffusers {cls}, not a VAE ({', '.join(DIFFUSERS_VAE_CLASSES)})")
+    known = diffusers_vae_classes()
+    if cls not in (None, *known):
+        raise LoadError(f"{path}: a diffusers {cls}, not a VAE ({', '.join(known)})")
     return data

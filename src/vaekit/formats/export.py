@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from vaekit import families, models
 from vaekit.errors import BadInputError
 from vaekit.formats.convert import ldm_to_diffusers
 from vaekit.formats.detect import METADATA_CONFIG_KEY
@@ -23,6 +24,8 @@ def metadata_for(cfg: VAEConfig, extra: dict[str, str] | None = None) -> dict[st
 
 def diffusers_config(cfg: VAEConfig) -> dict[str, Any]:
     """The config.json diffusers expects for this architecture."""
+    if cfg.kind in models.FOREIGN:
+        return models.FOREIGN[cfg.kind].diffusers_config(cfg)
     if cfg.kind == "tiny":
         n_enc, n_dec = len(cfg.encoder_blocks), len(cfg.decoder_blocks)  # type: ignore[union-attr]
         return {
@@ -53,7 +56,7 @@ def diffusers_config(cfg: VAEConfig) -> dict[str, Any]:
         "_class_name": "AutoencoderKL",
         "scaling_factor": cfg.scaling_factor,
         "shift_factor": cfg.shift_factor if cfg.shift_factor else None,
-        "force_upcast": cfg.family == "sdxl",
+        "force_upcast": families.FAMILIES.get(cfg.family, families.FAMILIES["custom"]).force_upcast,
     }
 
 
@@ -94,7 +97,11 @@ def write_vae(
         write_safetensors(state_dict, dest, meta)
     elif layout == "diffusers":
         dest.mkdir(parents=True, exist_ok=True)
-        write_safetensors(ldm_to_diffusers(state_dict, cfg.kind), dest / "diffusion_pytorch_model.safetensors", meta)
+        if cfg.kind in models.FOREIGN:
+            renamed = models.FOREIGN[cfg.kind].to_diffusers(state_dict)
+        else:
+            renamed = ldm_to_diffusers(state_dict, cfg.kind)
+        write_safetensors(renamed, dest / "diffusion_pytorch_model.safetensors", meta)
         write_json(diffusers_config(cfg), dest / "config.json")
     else:
         raise BadInputError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")

@@ -49,6 +49,10 @@ class VAESource:
         out: dict[str, tuple[int, ...]] = {}
         for f, wanted in self.file_key_maps():
             out.update({ours: tuple(f.shapes[theirs]) for ours, theirs in wanted.items()})
+        foreign = self._foreign_diffusers()
+        if foreign is not None:  # convert on meta tensors: names and shapes only
+            metas = foreign.from_diffusers({k: torch.empty(s, device="meta") for k, s in out.items()})
+            return {k: tuple(v.shape) for k, v in metas.items()}
         from vaekit.formats.keymaps import KL_ATTENTION_WEIGHTS
 
         return {k: (*s, 1, 1) if k in KL_ATTENTION_WEIGHTS and len(s) == 2 else s for k, s in out.items()}
@@ -70,10 +74,21 @@ class VAESource:
         for f, wanted in self.file_key_maps():
             loaded = f.load(list(wanted.values()))
             out.update({ours: loaded[theirs] for ours, theirs in wanted.items()})
+        foreign = self._foreign_diffusers()
+        if foreign is not None:
+            return foreign.from_diffusers(out)
         if det.layout in ("diffusers", "taesd-diffusers"):
             # key_map already names our keys; only the attention weights need reshaping.
             out = diffusers_to_ldm_shapes(out)
         return out
+
+    def _foreign_diffusers(self) -> Any:
+        """The architecture module that converts this file's diffusers names, when it needs one."""
+        from vaekit import models
+
+        if self.detection.layout != "diffusers":
+            return None
+        return models.FOREIGN.get(self.detection.config.kind)
 
 
 def diffusers_to_ldm_shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

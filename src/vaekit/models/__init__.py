@@ -1,11 +1,16 @@
 """Architectures: one module per architecture, each taking and returning images in [0, 1].
 
-``ARCHITECTURES`` maps a config's ``kind`` to its module class; :func:`build` instantiates any config.
+``ARCHITECTURES`` maps a config's ``kind`` to its (config class, module class); :func:`build` instantiates any
+config. ``FOREIGN`` holds the architecture modules that carry their own recognition and diffusers tables (the
+contract: ``config_from_shapes``, ``MARKER_KEYS``, ``to_diffusers``/``from_diffusers``, ``diffusers_config``/
+``config_from_diffusers``, ``normaliser_spec``, ``PRESETS``); the KL and tiny autoencoders are recognised by
+:mod:`vaekit.formats.detect` with the tables of :mod:`vaekit.formats.keymaps`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -16,6 +21,9 @@ from vaekit.models.kl import AutoencoderKL
 from vaekit.models.tiny import TinyAutoencoder
 
 __all__ = ["ARCHITECTURES", "AutoencoderKL", "KLConfig", "TinyAutoencoder", "TinyConfig", "VAEConfig", "build"]
+
+# kind -> architecture module with the full contract (see the module docstring)
+FOREIGN: dict[str, ModuleType] = {}
 
 # kind -> (config class, module class)
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {

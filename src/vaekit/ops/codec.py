@@ -140,12 +140,12 @@ def _plan(
             raise VaekitError(f"tiling={opts.tiling!r} needs vaekit.ops.tiling, which this installation lacks")
         return _Plan(True, opts.tiling, 1, budget)
     if opts.tile_size is not None and tiling is not None:
-        return _Plan(True, "exact", 1, budget)
+        return _Plan(True, tiling.auto_mode(vae.config), 1, budget)
     if tiling is None:
         return _Plan(False, "", n, budget)
     one = int(tiling.estimate_memory(vae.config, op, (1, *item_shape), dtype))
     if one > budget:
-        return _Plan(True, "exact", 1, budget)
+        return _Plan(True, tiling.auto_mode(vae.config), 1, budget)
     return _Plan(False, "", max(1, min(n, budget // max(one, 1))), budget)
 
 

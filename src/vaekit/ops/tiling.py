@@ -19,6 +19,7 @@ factor; both modes are exact.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import math
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaekit import models
 from vaekit.errors import BadInputError
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.ops import tiling_engine as eng
@@ -239,6 +241,8 @@ def estimate_memory(cfg: VAEConfig, op: str, shape: tuple[int, ...], dtype: torc
     e = _elt(dtype)
     if isinstance(cfg, TinyConfig):
         return int(_tiny_bytes(_meta_model(cfg), op, shape, e) * CALIBRATION)
+    if cfg.kind in models.FOREIGN:
+        return int(_traced_bytes(_meta_model(cfg), op, shape, e) * CALIBRATION)
     stages = _stages(_meta_model(cfg), op)
     shapes = eng.store_shapes(stages, tuple(shape))
     return int(max(_untiled_stage_bytes(st, shapes, e) for st in stages) * CALIBRATION)
@@ -269,6 +273,8 @@ def plan_tiles(
     model = _meta_model(cfg)
     if isinstance(cfg, TinyConfig):
         return _plan_tiny(model, cfg, op, shape, latent, e, max_memory, forced, mode)
+    if cfg.kind in models.FOREIGN:
+        return _plan_region(model, cfg, op, shape, latent, e, max_memory, forced, mode)
     assert isinstance(cfg, KLConfig)
     stages = _stages(model, op)
     if mode == "fast":
@@ -526,6 +532,104 @@ def _single_pass(
             out[:, :, y0 * u : y1 * u, x0 * u : x1 * u] = res
 
 
+# --- architectures with their own module (vaekit.models.FOREIGN): one pass of whole-model regions -------------------
+def _traced_bytes(model: nn.Module, op: str, shape: tuple[int, ...], e: int) -> int:
+    """Peak live bytes of ``model.encode``/``decode`` on ``shape``, read from the model itself: a forward pass on the
+    meta device (no memory, no arithmetic) records each leaf module's input and output sizes; the peak is the largest
+    input + output + residual (the input again) of one leaf."""
+    peak = 0
+
+    def hook(_m: nn.Module, inputs: tuple, output: object) -> None:
+        nonlocal peak
+        size_in = sum(t.numel() for t in inputs if isinstance(t, torch.Tensor))
+        outs = output if isinstance(output, tuple) else (output,)
+        size_out = sum(t.numel() for t in outs if isinstance(t, torch.Tensor))
+        peak = max(peak, (2 * size_in + size_out) * e)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        x = torch.empty(shape, device="meta")
+        with torch.no_grad():
+            getattr(model, op)(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return peak
+
+
+def _plan_region(
+    model: nn.Module,
+    cfg: VAEConfig,
+    op: str,
+    shape: tuple[int, ...],
+    latent: tuple[int, int],
+    e: int,
+    budget: int,
+    forced: int | None,
+    mode: str,
+) -> TilePlan:
+    """Tiles of whole-model regions with a halo of the module's receptive field (``TILING_HALO``, latent cells).
+
+    That is exact only for a network whose every part is local: a global part (attention over the frame, a norm
+    whose statistics cover the image) sees just its region, so ``exact`` is refused for those and ``fast`` says so.
+    """
+    mod = models.FOREIGN[cfg.kind]
+    global_part = getattr(mod, "GLOBAL_PART", "")
+    if mode == "exact" and global_part:
+        raise BadInputError(
+            f"exact tiling of a {cfg.kind} VAE is not possible: its {global_part} reads the whole image; use "
+            "tiling='fast' (tiles with a halo of context) or 'off'"
+        )
+    f = cfg.downscale
+    halo = int(mod.TILING_HALO[op])
+    unit = f if op == "encode" else 1
+    out_c = (cfg.latent_channels * (2 if cfg.gaussian else 1)) if op == "encode" else cfg.out_channels
+    out_bytes = shape[0] * out_c * latent[0] * latent[1] * (f * f if op == "decode" else 1) * e
+    for t in [forced] if forced is not None else _candidates(max(latent)):
+        th, tw = min(t, latent[0]) + 2 * halo, min(t, latent[1]) + 2 * halo
+        region = (shape[0], shape[1], th * unit, tw * unit)
+        need = int(_traced_bytes(model, op, region, e) * TILED_CALIBRATION) + out_bytes
+        if need <= budget:
+            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
+            return TilePlan(mode, op, t, t * f, grid, halo, "none", 1.0, need, budget)
+    raise BadInputError(
+        f"max_memory {_fmt(budget)} is too small for tiled {op} of {_shape_str(shape)}"
+        + (f" with {forced * f} px tiles" if forced else "")
+    )
+
+
+def _execute_region(
+    model: nn.Module, cfg: VAEConfig, op: str, x: torch.Tensor, plan: TilePlan, fallback: bool, notes: list[str]
+) -> tuple[torch.Tensor, int]:
+    f = cfg.downscale
+    n, _, h, w = x.shape
+    if op == "encode":
+        out_c = cfg.latent_channels * (2 if cfg.gaussian else 1)
+        out = torch.empty((n, out_c, h // f, w // f), dtype=x.dtype, device=x.device)
+        unit_in, unit_out = f, 1
+    else:
+        out = torch.empty((n, cfg.out_channels, h * f, w * f), dtype=x.dtype, device=x.device)
+        unit_in, unit_out = 1, f
+    dtype = next(model.parameters()).dtype
+    fp32: list[nn.Module] = []  # a float32 copy, made when the NaN guard first retries a tile
+
+    def run(region: torch.Tensor, margins: tuple[int, int, int, int], border: object) -> torch.Tensor:
+        if region.dtype == dtype:
+            y = getattr(model, op)(region)
+        else:
+            if not fp32:
+                fp32.append(copy.deepcopy(model).float())
+            y = getattr(fp32[0], op)(region.float())
+        y = torch.cat(y, dim=1) if isinstance(y, tuple) else y
+        scale = unit_out / unit_in
+        top, bottom, left, right = (int(m * scale) for m in margins)
+        return y[:, :, top : y.shape[2] - bottom, left : y.shape[3] - right]
+
+    _single_pass(run, x, out, plan, unit_in, unit_out, fallback, notes)
+    return _finish(model, op, out) if op == "encode" and cfg.gaussian else out, 1
+
+
 def _params_fp32(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in module.state_dict().items()}
 
@@ -548,6 +652,13 @@ def _tiny_runner(seq: nn.Module, scale: float) -> Callable[..., torch.Tensor]:
 
 
 # --- public: tiled ops -----------------------------------------------------------------------------------------
+def auto_mode(cfg: VAEConfig) -> str:
+    """The tiling mode ``tiling="auto"`` takes when a run does not fit: exact where the architecture allows it."""
+    if cfg.kind in models.FOREIGN and getattr(models.FOREIGN[cfg.kind], "GLOBAL_PART", ""):
+        return "fast"
+    return "exact"
+
+
 def tiled_encode(
     model: nn.Module,
     x: torch.Tensor,
@@ -588,8 +699,8 @@ def _tiled(
 ) -> tuple[tuple[torch.Tensor, torch.Tensor] | torch.Tensor, TileReport]:
     _check_mode(mode)
     cfg = getattr(model, "config", None)
-    if not isinstance(cfg, KLConfig | TinyConfig):
-        raise BadInputError(f"tiling needs a vaekit AutoencoderKL or TinyAutoencoder, got {type(model).__name__}")
+    if not isinstance(cfg, KLConfig | TinyConfig) and getattr(cfg, "kind", None) not in models.FOREIGN:
+        raise BadInputError(f"tiling needs a vaekit model, got {type(model).__name__}")
     _check_input(cfg, op, x)
     if max_memory is None:
         from vaekit.ops.device import default_budget
@@ -598,14 +709,15 @@ def _tiled(
     plan = plan_tiles(cfg, op, tuple(x.shape), x.dtype, max_memory, tile_size, mode)
     notes: list[str] = []
     with torch.inference_mode():
-        net_x = model.net_input(x) if op == "encode" else x  # the model owns its input range
+        foreign = cfg.kind in models.FOREIGN  # those run whole model.encode/decode on regions: [0, 1] in and out
+        net_x = model.net_input(x) if op == "encode" and not foreign else x  # the model owns its input range
         try:
             out, passes = _execute(model, cfg, op, net_x, plan, fallback, notes)
         except eng.PromoteToFloat32 as e:
             notes.append(f"{e} overflowed {eng.dtype_name(x.dtype)} even in fp32; whole {op} recomputed in fp32")
             out, passes = _execute(model, cfg, op, net_x.float(), plan, fallback, notes)
             out = _cast_back(out, x.dtype)
-        if op == "decode":
+        if op == "decode" and not foreign:
             out = model.net_output(out)
         report = TileReport(plan, passes, notes)
         if measure_error:
@@ -630,6 +742,8 @@ def _execute(
     notes: list[str],
 ) -> tuple[torch.Tensor | tuple[torch.Tensor, torch.Tensor], int]:
     f = cfg.downscale
+    if cfg.kind in models.FOREIGN:
+        return _execute_region(model, cfg, op, x, plan, fallback, notes)
     if isinstance(cfg, TinyConfig):
         seq = model.encoder if op == "encode" else model.decoder
         n, _, h, w = x.shape
