@@ -14,6 +14,7 @@ from vaekit.models.hunyuanimage import (
     DIFFUSERS_KEYS,
     MARKER_KEYS,
     PRESETS,
+    TILING_HALO,
     HunyuanImageConfig,
     HunyuanImageVAE,
     config_from_diffusers,
@@ -230,3 +231,28 @@ def test_config_dict_diffusers_config_and_normaliser() -> None:
 def test_invalid_configs_are_refused(change: dict) -> None:
     with pytest.raises(ValueError):
         dataclasses.replace(SMALL["shallow"], **change)
+
+
+def test_receptive_fields_match_tiling_halos() -> None:
+    """Gradients of the conv path (norms and attention, which are global, replaced by identities) at the real depth."""
+    cfg = HunyuanImageConfig(latent_channels=16, block_channels=(32,) * 6, num_res_blocks=2)
+    torch.manual_seed(0)
+    model = HunyuanImageVAE(cfg)
+
+    def local_only(module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.GroupNorm) or name == "attn_1":
+                setattr(module, name, torch.nn.Identity())
+            else:
+                local_only(child)
+
+    local_only(model)
+    x = torch.randn(1, 3, 32, 32 * 31, requires_grad=True)
+    model.encode(x)[0][0, :, 0, 15].sum().backward()
+    cols = x.grad.abs().sum(dim=(0, 1, 2)).nonzero().flatten()
+    left, right = 32 * 15 - int(cols.min()), int(cols.max()) - (32 * 16 - 1)
+    assert left == right == 444 and math.ceil(444 / 32) == TILING_HALO["encode"]
+    z = torch.randn(1, 16, 1, 41, requires_grad=True)
+    model.decode(z)[0, :, :, 32 * 20 : 32 * 21].sum().backward()
+    cells = z.grad.abs().sum(dim=(0, 1, 2)).nonzero().flatten()
+    assert 20 - int(cells.min()) == int(cells.max()) - 20 == TILING_HALO["decode"] == 19

@@ -49,6 +49,13 @@ SAMPLE_SIZE = 384  # diffusers' `sample_size` (its tiling tile size), kept only 
 
 DIFFUSERS_CLASS = "AutoencoderKLHunyuanImage"
 
+# Read by vaekit's region tiling. Every GroupNorm takes whole-image statistics and each mid block attends over the
+# whole latent, so no halo makes a tile exact (Tencent's own code refuses spatial tiling for this checkpoint: "severe
+# reconstruction artifacts"). The halos cover the convolutions' receptive field, in latent cells per side: the
+# encoder's 444 px (13.9 cells), the decoder's 601 px (18.8 cells); measured by gradients in the tests.
+GLOBAL_PART = "GroupNorm statistics and mid-block attention"
+TILING_HALO: dict[str, int] = {"encode": 14, "decode": 19}
+
 
 @dataclass(frozen=True)
 class HunyuanImageConfig:
