@@ -22,9 +22,15 @@ TINY_PRESETS = ("taesd", "taesdxl", "taesd3", "taef1")
 def small_config(name: str, **overrides: Any) -> VAEConfig:
     """The named preset at a small width (fast on CPU) with the real depth, 32 norm groups, factors and downscale 8."""
     cfg = preset(name)
-    if cfg.kind == "tiny":
+    if cfg.kind == "kl":
+        return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), **overrides)
+    if cfg.kind in ("tiny", "taef2"):
         return dataclasses.replace(cfg, width=16, **overrides)
-    return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), **overrides)
+    return dataclasses.replace(cfg, **SMALL_WIDTHS[cfg.kind], **overrides)
+
+
+# Small widths of the architectures with their own module (the real depth and level structure).
+SMALL_WIDTHS: dict[str, dict[str, Any]] = {"qwenimage": {"base_dim": 8}}
 
 
 def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:

@@ -18,10 +18,12 @@ from typing import Any
 
 from torch import nn
 
+from vaekit import models
 from vaekit.errors import BadInputError
 from vaekit.formats.known_hashes import KNOWN_HASHES
+from vaekit.models import qwenimage, taef2
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
-from vaekit.normalisers import Normaliser, PatchBatchNorm, PerChannel, ScalarAffine
+from vaekit.normalisers import Normaliser, PatchBatchNorm, PerChannel, ScalarAffine, from_spec
 
 RGBFactors = tuple[tuple[tuple[float, ...], ...], tuple[float, float, float]]
 
@@ -212,10 +214,26 @@ FAMILIES: dict[str, Family] = {
             raw_channels=32,
             downscale=8,
             normaliser="patch_batchnorm",
-            presets={"flux2": _kl("flux2", 32, 1.0, 0.0, nested_quant=True, patch_batchnorm=True)},
+            presets={
+                "flux2": _kl("flux2", 32, 1.0, 0.0, nested_quant=True, patch_batchnorm=True),
+                "taef2": taef2.PRESETS["taef2"],
+            },
             # BFL's FLUX.2 transformer has shared modulations that FLUX.1's double blocks lack.
             checkpoint_markers=("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img."),
             modelspec_words=("flux-2", "flux.2", "flux2"),
+        ),
+        Family(
+            "qwenimage",
+            "Qwen-Image (the Wan 2.1 VAE, single frames)",
+            raw_channels=16,
+            downscale=8,
+            normaliser="per_channel",
+            channel_mean=qwenimage.QWENIMAGE_LATENTS_MEAN,
+            channel_std=qwenimage.QWENIMAGE_LATENTS_STD,
+            presets={"qwenimage": qwenimage.PRESETS["qwenimage"]},
+            modelspec_words=("qwen-image",),
+            preview=(qwenimage.PREVIEW_RGB_FACTORS, qwenimage.PREVIEW_RGB_BIAS),
+            preview_source="ComfyUI comfy/latent_formats.py Wan21",
         ),
         Family(
             "custom",
@@ -292,6 +310,8 @@ def normaliser_for(cfg: VAEConfig, model: nn.Module | None = None) -> Normaliser
     ``model``; custom and scalar families use the factors in the config (calibrated ones for vaekit-trained VAEs).
     """
     fam = FAMILIES.get(cfg.family, FAMILIES["custom"])
+    if cfg.kind in models.FOREIGN:
+        return from_spec(models.FOREIGN[cfg.kind].normaliser_spec(cfg))
     if cfg.kind == "kl" and fam.normaliser == "patch_batchnorm":
         bn = getattr(model, "bn", None)
         if bn is None or getattr(bn.running_mean, "is_meta", True):

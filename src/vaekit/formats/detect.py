@@ -25,8 +25,13 @@ METADATA_CONFIG_KEY = "vaekit.config"
 
 def diffusers_vae_classes() -> tuple[str, ...]:
     """Class names of the diffusers VAE configs vaekit reads."""
-    foreign = (m.diffusers_config(next(iter(m.PRESETS.values())))["_class_name"] for m in models.FOREIGN.values())
-    return ("AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderTiny", *foreign)
+    names = ["AutoencoderKL", "AutoencoderKLFlux2", "AutoencoderTiny"]
+    for mod in models.FOREIGN.values():
+        try:
+            names.append(mod.diffusers_config(next(iter(mod.PRESETS.values())))["_class_name"])
+        except LoadError:  # diffusers has no class for it (TAEF2, TAESana)
+            continue
+    return tuple(names)
 
 
 @dataclass

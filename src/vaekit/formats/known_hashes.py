@@ -98,4 +98,13 @@ KNOWN_HASHES: dict[str, tuple[str, str]] = {
         "taef1",
         "madebyollin/taef1 diffusion_pytorch_model.safetensors",
     ),
+    # --- tiny partners of FLUX.2 and Sana (madebyollin/taesd at commit 5cccb12, MIT; digests in shared/weights) ----
+    "10a4e1021e89d7551eaf161352da8dbd0b1aa83872ae28b150c1df1ce2f147b6": (
+        "taef2",
+        "madebyollin/taesd taef2_encoder.pth (2704692)",
+    ),
+    "0a44a31e1ae59eb9dbf9359d24942fd3ef5928162c1800d97a28c61d51be0ab5": (
+        "taef2",
+        "madebyollin/taesd taef2_decoder.pth (2704756)",
+    ),
 }

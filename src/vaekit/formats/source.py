@@ -161,7 +161,8 @@ def _open_parts(paths: list[Path], family: str | None) -> VAESource:
         )
     import dataclasses
 
-    cfg = dataclasses.replace(d_cfg, encoder_blocks=e_cfg.encoder_blocks, in_channels=e_cfg.in_channels)
+    both = {"has_encoder": True, "has_decoder": True} if hasattr(d_cfg, "has_encoder") else {}
+    cfg = dataclasses.replace(d_cfg, encoder_blocks=e_cfg.encoder_blocks, in_channels=e_cfg.in_channels, **both)
     det = dataclasses.replace(
         dec.detection,
         config=cfg,
