@@ -41,6 +41,7 @@ SMALL_WIDTHS: dict[str, dict[str, Any]] = {
         "head_dim": 8,
     },
     "taesana": {"stem_widths": (8, 16), "width": 16, "decoder_widths": (32, 16, 16, 8, 8, 8)},
+    "hunyuanimage": {"latent_channels": 16, "block_channels": (32, 32, 32, 64, 64, 64), "num_res_blocks": 1},
 }
 
 

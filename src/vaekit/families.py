@@ -21,7 +21,7 @@ from torch import nn
 from vaekit import models
 from vaekit.errors import BadInputError
 from vaekit.formats.known_hashes import KNOWN_HASHES
-from vaekit.models import dcae, qwenimage, taef2, taesana
+from vaekit.models import dcae, hunyuanimage, qwenimage, taef2, taesana
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.normalisers import Normaliser, PatchBatchNorm, PerChannel, ScalarAffine, from_spec
 
@@ -244,6 +244,16 @@ FAMILIES: dict[str, Family] = {
             scale=0.41407,
             presets={"dcae": dcae.PRESETS["dcae"], "taesana": taesana.PRESETS["taesana"]},
             modelspec_words=("sana",),
+        ),
+        Family(
+            "hunyuanimage",
+            "HunyuanImage 2.1",
+            raw_channels=64,
+            downscale=32,
+            scale=hunyuanimage.SCALING_FACTOR,
+            shift=hunyuanimage.SHIFT_FACTOR,
+            presets={"hunyuanimage": hunyuanimage.PRESETS["hunyuanimage"]},
+            modelspec_words=("hunyuanimage", "hunyuan-image"),
         ),
         Family(
             "custom",

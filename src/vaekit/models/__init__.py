@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vaekit.models import dcae, qwenimage, taef2, taesana
+from vaekit.models import dcae, hunyuanimage, qwenimage, taef2, taesana
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.models.kl import AutoencoderKL
 from vaekit.models.tiny import TinyAutoencoder
@@ -25,6 +25,7 @@ __all__ = ["ARCHITECTURES", "AutoencoderKL", "KLConfig", "TinyAutoencoder", "Tin
 
 # kind -> architecture module with the full contract (see the module docstring)
 FOREIGN: dict[str, ModuleType] = {"taef2": taef2, "qwenimage": qwenimage, "dcae": dcae, "taesana": taesana}
+FOREIGN["hunyuanimage"] = hunyuanimage
 
 # kind -> (config class, module class)
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
@@ -34,6 +35,7 @@ ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "qwenimage": (qwenimage.QwenImageConfig, qwenimage.QwenImageVAE),
     "dcae": (dcae.DCAEConfig, dcae.DCAE),
     "taesana": (taesana.TAESanaConfig, taesana.TAESana),
+    "hunyuanimage": (hunyuanimage.HunyuanImageConfig, hunyuanimage.HunyuanImageVAE),
 }
 
 
