@@ -26,9 +26,22 @@ def small_config(name: str, **overrides: Any) -> VAEConfig:
         return dataclasses.replace(cfg, base_channels=32, channel_mult=(1, 2, 2, 2), **overrides)
     if cfg.kind in ("tiny", "taef2"):
         return dataclasses.replace(cfg, width=16, **overrides)
-    from vaekit.models import FOREIGN
+    return dataclasses.replace(cfg, **SMALL_WIDTHS[cfg.kind], **overrides)
 
-    return FOREIGN[cfg.kind].small_config(cfg, **overrides)
+
+# Small widths of the architectures with their own module (the real depth and level structure).
+SMALL_WIDTHS: dict[str, dict[str, Any]] = {
+    "qwenimage": {"base_dim": 8},
+    "dcae": {
+        "latent_channels": 8,
+        "encoder_widths": (8, 16, 16, 32, 32, 32),
+        "encoder_depths": (1, 2, 1, 2, 1, 1),
+        "decoder_widths": (8, 16, 32, 32, 32, 32),
+        "decoder_depths": (2, 1, 1, 1, 2, 1),
+        "head_dim": 8,
+    },
+    "taesana": {"stem_widths": (8, 16), "width": 16, "decoder_widths": (32, 16, 16, 8, 8, 8)},
+}
 
 
 def diffusers_twin(cfg: VAEConfig, seed: int = 0) -> torch.nn.Module:

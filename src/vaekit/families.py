@@ -21,7 +21,7 @@ from torch import nn
 from vaekit import models
 from vaekit.errors import BadInputError
 from vaekit.formats.known_hashes import KNOWN_HASHES
-from vaekit.models import taef2
+from vaekit.models import dcae, qwenimage, taef2, taesana
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.normalisers import Normaliser, PatchBatchNorm, PerChannel, ScalarAffine, from_spec
 
@@ -50,14 +50,15 @@ class Family:
     force_upcast: bool = False  # diffusers' config flag: the family's VAE overflows in fp16
 
     @property
-    def tiny_partner(self) -> str | None:
-        """The preset name of the tiny VAE that speaks this family's latents, if any."""
-        return next((name for name, cfg in self.presets.items() if cfg.kind != "kl"), None)
+    def full_preset(self) -> str | None:
+        """The preset name of the family's full VAE (the first preset)."""
+        return next(iter(self.presets), None)
 
     @property
-    def full_preset(self) -> str | None:
-        """The preset name of the family's full VAE."""
-        return next((name for name, cfg in self.presets.items() if cfg.kind == "kl"), None)
+    def tiny_partner(self) -> str | None:
+        """The preset name of the tiny VAE that speaks this family's latents, if any (the second preset)."""
+        names = [n for n in self.presets if self.presets[n].kind != self.presets[next(iter(self.presets))].kind]
+        return names[0] if names else None
 
     @property
     def patch(self) -> int:
@@ -221,6 +222,28 @@ FAMILIES: dict[str, Family] = {
             # BFL's FLUX.2 transformer has shared modulations that FLUX.1's double blocks lack.
             checkpoint_markers=("double_stream_modulation_img.", "model.diffusion_model.double_stream_modulation_img."),
             modelspec_words=("flux-2", "flux.2", "flux2"),
+        ),
+        Family(
+            "qwenimage",
+            "Qwen-Image (the Wan 2.1 VAE, single frames)",
+            raw_channels=16,
+            downscale=8,
+            normaliser="per_channel",
+            channel_mean=qwenimage.QWENIMAGE_LATENTS_MEAN,
+            channel_std=qwenimage.QWENIMAGE_LATENTS_STD,
+            presets={"qwenimage": qwenimage.PRESETS["qwenimage"]},
+            modelspec_words=("qwen-image",),
+            preview=(qwenimage.PREVIEW_RGB_FACTORS, qwenimage.PREVIEW_RGB_BIAS),
+            preview_source="ComfyUI comfy/latent_formats.py Wan21",
+        ),
+        Family(
+            "dcae",
+            "Sana (deep-compression autoencoder DC-AE f32c32)",
+            raw_channels=32,
+            downscale=32,
+            scale=0.41407,
+            presets={"dcae": dcae.PRESETS["dcae"], "taesana": taesana.PRESETS["taesana"]},
+            modelspec_words=("sana",),
         ),
         Family(
             "custom",

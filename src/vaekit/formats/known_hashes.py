@@ -107,4 +107,8 @@ KNOWN_HASHES: dict[str, tuple[str, str]] = {
         "taef2",
         "madebyollin/taesd taef2_decoder.pth (2704756)",
     ),
+    "858f4e4cc293f88efaf58107f4154b960b9ced0cb5d9c050dad11f926b618c1f": (
+        "taesana",
+        "madebyollin/taesd taesana_encoder.pth (2537004)",
+    ),
 }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vaekit.models import taef2
+from vaekit.models import dcae, qwenimage, taef2, taesana
 from vaekit.models.config import KLConfig, TinyConfig, VAEConfig
 from vaekit.models.kl import AutoencoderKL
 from vaekit.models.tiny import TinyAutoencoder
@@ -24,13 +24,16 @@ from vaekit.models.tiny import TinyAutoencoder
 __all__ = ["ARCHITECTURES", "AutoencoderKL", "KLConfig", "TinyAutoencoder", "TinyConfig", "VAEConfig", "build"]
 
 # kind -> architecture module with the full contract (see the module docstring)
-FOREIGN: dict[str, ModuleType] = {"taef2": taef2}
+FOREIGN: dict[str, ModuleType] = {"taef2": taef2, "qwenimage": qwenimage, "dcae": dcae, "taesana": taesana}
 
 # kind -> (config class, module class)
 ARCHITECTURES: dict[str, tuple[type, type[nn.Module]]] = {
     "kl": (KLConfig, AutoencoderKL),
     "tiny": (TinyConfig, TinyAutoencoder),
     "taef2": (taef2.TAEF2Config, taef2.TAEF2VAE),
+    "qwenimage": (qwenimage.QwenImageConfig, qwenimage.QwenImageVAE),
+    "dcae": (dcae.DCAEConfig, dcae.DCAE),
+    "taesana": (taesana.TAESanaConfig, taesana.TAESana),
 }
 
 
