@@ -1,10 +1,12 @@
 """Encode/decode speed of vaekit against diffusers' AutoencoderKL, same random sd1 weights, one process.
 
     .venv/bin/python benchmarks/bench_codec.py --size 512 --repeats 3 --threads 2
+    .venv/bin/python benchmarks/bench_codec.py --size 512 --repeats 3 --threads 2 --peak-only   # vs the machine's peak
 
 Prints the environment, a table of median times (after warm-up), the ratios the project targets, and the PSNR of
 ``auto`` precision against vaekit's fp32 output. Runs are interleaved (diffusers, vaekit, diffusers, ...) so load
 from other processes hits both alike; ``--ablate`` adds vaekit without channels-last / without the fast blocks.
+``--peak``/``--peak-only`` add the fraction of the machine's own convolution peak (docs/performance.md).
 diffusers is a test-only dependency of vaekit; this script needs it installed.
 """
 
