@@ -1,12 +1,17 @@
-"""Load test of `vaekit serve`: throughput and p50/p95 latency, batched against unbatched, on localhost.
+"""Load test of `vaekit serve`: throughput and p50/p95/p99 latency on localhost, batched against unbatched, or this
+version of the server against an older one.
 
-Starts the real server twice as a subprocess on a free loopback port (the same VAE, the same thread count): once
-with batching (a short window, up to --max-batch requests in one forward pass) and once without (one request per
-forward pass). A bounded number of concurrent clients (httpx, asyncio) send the same mix of requests to each, and
-the script prints requests/s and latency percentiles, and the ratio batched / unbatched.
+Starts the real server twice as a subprocess on a free loopback port (the same VAE, the same thread count): by
+default once with batching (a short window, up to --max-batch requests in one forward pass) and once without (one
+request per forward pass); with --baseline-src, this tree's server and the server of another source tree (e.g. an
+older commit: `git archive COMMIT src | tar -x -C /tmp/before`), both batched. A bounded number of concurrent
+clients (httpx, asyncio) send the same mix of requests to each, rounds alternating between the two servers so a
+shared machine's changing load affects both alike, and the script prints requests/s and latency percentiles for
+each client count, and the ratios.
 
     .venv/bin/python benchmarks/bench_server.py                          # bundled VAE (else a small random one)
     .venv/bin/python benchmarks/bench_server.py --op decode --size 256 --clients 16 --requests 128
+    .venv/bin/python benchmarks/bench_server.py --clients 16,64 --baseline-src /tmp/before/src   # before / after
     .venv/bin/python benchmarks/bench_server.py --library ~/models/VAE --vae sdxl_vae --size 512
 
 Only loopback addresses are ever contacted; clients, requests and time are capped.
@@ -44,11 +49,11 @@ def free_port() -> int:
 
 
 def make_library(folder: Path) -> str:
-    """A library holding the bundled VAE when it is installed, else a small random sd1-architecture VAE."""
+    """The bundled VAE when it is installed (the server offers it by name), else a library holding a small random
+    sd1-architecture VAE."""
     from vaekit import weights
 
-    if weights.DEFAULT_VAE_PATH.is_file():
-        os.symlink(weights.DEFAULT_VAE_PATH, folder / weights.DEFAULT_VAE_PATH.name)
+    if weights.DEFAULT_VAE_PATH.is_file():  # the server offers it beside the (empty) library: a link would be a twin
         return weights.DEFAULT_VAE_PATH.stem
     from vaekit.families import preset
     from vaekit.models import build
@@ -98,13 +103,21 @@ class Result:
         """Successful requests per second."""
         return (self.requests - self.failures) / self.seconds
 
+    def percentiles(self) -> tuple[float, float, float]:
+        """p50, p95 and p99 latency in seconds (nan without a success)."""
+        if not self.latencies:
+            return (float("nan"),) * 3
+        p50, p95, p99 = np.percentile(self.latencies, [50, 95, 99])
+        return float(p50), float(p95), float(p99)
+
     def row(self) -> str:
         """One line of the report."""
-        p50, p95 = np.percentile(self.latencies, [50, 95]) if self.latencies else (float("nan"),) * 2
+        p50, p95, p99 = self.percentiles()
         mean_batch = (self.requests - self.failures) / max(1, self.batches)
         return (
             f"{self.label:<10} {self.throughput:8.2f} req/s   p50 {p50 * 1000:8.1f} ms   p95 {p95 * 1000:8.1f} ms   "
-            f"mean batch {mean_batch:4.1f} (max {self.largest_batch})   failures {self.failures}"
+            f"p99 {p99 * 1000:8.1f} ms   mean batch {mean_batch:4.1f} (max {self.largest_batch})   "
+            f"failures {self.failures}"
         )
 
 
@@ -140,17 +153,22 @@ async def load(
         return failures, latencies, time.perf_counter() - start
 
 
-def start_server(args: argparse.Namespace, library: Path, vae: str, batched: bool) -> tuple[subprocess.Popen, str]:
-    """Start `vaekit serve` on a free loopback port and wait until it answers; returns (process, url)."""
+def start_server(
+    args: argparse.Namespace, library: Path, vae: str, batched: bool, clients: int, src: Path | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Start `vaekit serve` (from the source tree ``src`` when given) on a free loopback port and wait until it
+    answers; returns (process, url)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [
         sys.executable, "-m", "vaekit", "serve", "--library", str(library), "--vae", vae, "--port", str(port),
-        "--precision", args.precision, "--max-queue", str(max(64, args.clients * 2)), "--log-level", "warning",
+        "--precision", args.precision, "--max-queue", str(max(64, clients * 2)), "--log-level", "warning",
         "--max-batch", str(args.max_batch if batched else 1),
         "--batch-window-ms", str(args.window_ms if batched else 0),
     ]  # fmt: skip
     env = dict(os.environ, VAEKIT_CONFIG=str(library.parent / "config"))
+    if src is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(src.resolve()), *filter(None, [env.get("PYTHONPATH")])])
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -178,19 +196,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.kill()
 
 
-def measure(args: argparse.Namespace, library: Path, vae: str) -> list[Result]:
+def measure(args: argparse.Namespace, library: Path, vae: str, clients: int) -> list[Result]:
     """Both servers run side by side (one idle while the other is loaded); rounds alternate between them so a
     shared machine's changing load affects both alike."""
-    servers = [start_server(args, library, vae, batched) for batched in (False, True)]
+    if args.baseline_src is not None:
+        labels = ("before", "after")
+        servers = [
+            start_server(args, library, vae, True, clients, args.baseline_src),
+            start_server(args, library, vae, True, clients),
+        ]
+    else:
+        labels = ("unbatched", "batched")
+        servers = [start_server(args, library, vae, batched, clients) for batched in (False, True)]
     try:
-        bodies = payloads(args.op, args.size, min(args.requests, 32))
-        results = [Result(label, 0, 0, 0.0, [], 0, 0) for label in ("unbatched", "batched")]
-        per_round = max(1, args.requests // args.rounds)
+        requests = args.requests or clients * 6
+        bodies = payloads(args.op, args.size, min(requests, 32))
+        results = [Result(label, 0, 0, 0.0, [], 0, 0) for label in labels]
+        per_round = max(1, requests // args.rounds)
         for _ in range(args.rounds):
             for (_, url), result in zip(servers, results, strict=True):
-                failures, latencies, seconds = asyncio.run(
-                    load(url, args.op, args.size, bodies, args.clients, per_round)
-                )
+                failures, latencies, seconds = asyncio.run(load(url, args.op, args.size, bodies, clients, per_round))
                 result.requests += per_round
                 result.failures += failures
                 result.seconds += seconds
@@ -212,18 +237,33 @@ def main() -> None:
     parser.add_argument("--vae", help="the VAE's name in --library")
     parser.add_argument("--op", choices=("encode", "decode", "roundtrip"), default="roundtrip")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels (a multiple of 8)")
-    parser.add_argument("--clients", type=int, default=16, help=f"concurrent clients (at most {MAX_CLIENTS})")
-    parser.add_argument("--requests", type=int, default=96, help=f"requests per server (at most {MAX_REQUESTS})")
+    parser.add_argument(
+        "--clients",
+        default="16",
+        help=f"concurrent clients, or a comma-separated list such as 16,64 (at most {MAX_CLIENTS})",
+    )
+    parser.add_argument(
+        "--requests", type=int, default=0, help=f"requests per server (at most {MAX_REQUESTS}; default 6 per client)"
+    )
+    parser.add_argument("--baseline-src", type=Path, help="compare against the server of this source tree (its src/)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds the requests are split into")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--window-ms", type=float, default=10.0)
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the server (0: torch's default)")
     args = parser.parse_args()
-    if not 1 <= args.clients <= MAX_CLIENTS or not 1 <= args.requests <= MAX_REQUESTS or args.size % 8:
-        parser.error(f"1-{MAX_CLIENTS} clients, 1-{MAX_REQUESTS} requests, size a multiple of 8")
-    if not 1 <= args.rounds <= args.requests:
+    try:
+        client_counts = [int(c) for c in str(args.clients).split(",") if c.strip()]
+    except ValueError:
+        parser.error("--clients takes a number or a comma-separated list of numbers")
+    if not client_counts or not all(1 <= c <= MAX_CLIENTS for c in client_counts):
+        parser.error(f"1-{MAX_CLIENTS} clients")
+    if not 0 <= args.requests <= MAX_REQUESTS or args.size % 8:
+        parser.error(f"1-{MAX_REQUESTS} requests, size a multiple of 8")
+    if not 1 <= args.rounds <= (args.requests or 6 * min(client_counts)):
         parser.error("rounds must be between 1 and the number of requests")
+    if args.baseline_src is not None and not (args.baseline_src / "vaekit").is_dir():
+        parser.error(f"--baseline-src {args.baseline_src}: no vaekit package in it (give the tree's src/ folder)")
     with tempfile.TemporaryDirectory(prefix="vaekit-bench-") as tmp:
         library = args.library
         vae = args.vae
@@ -234,19 +274,23 @@ def main() -> None:
         elif vae is None:
             parser.error("--library needs --vae")
         print(
-            f"vaekit serve load test: {args.op} {args.size}x{args.size}, {args.clients} clients, {args.requests} "
-            f"requests per server in {args.rounds} alternating rounds, VAE {vae}, precision {args.precision}, "
-            f"torch threads {args.threads or torch.get_num_threads()}"
+            f"vaekit serve load test: {args.op} {args.size}x{args.size}, {args.requests or '6 per client'} requests "
+            f"per server in {args.rounds} alternating rounds, VAE {vae}, precision {args.precision}, torch threads "
+            f"{args.threads or torch.get_num_threads()}"
+            + (f", before = {args.baseline_src}" if args.baseline_src else "")
         )
-        results = measure(args, library, vae)
-    for r in results:
-        print(r.row())
-    unbatched, batched = results
-    p50 = [statistics.median(r.latencies) for r in results]
-    print(
-        f"batched / unbatched: throughput x{batched.throughput / unbatched.throughput:.2f}, "
-        f"p50 latency x{p50[1] / p50[0]:.2f}"
-    )
+        for clients in client_counts:
+            results = measure(args, library, vae, clients)
+            print(f"{clients} concurrent clients:")
+            for r in results:
+                print("  " + r.row())
+            first, second = results
+            p50 = [statistics.median(r.latencies) if r.latencies else float("nan") for r in results]
+            p99 = [r.percentiles()[2] for r in results]
+            print(
+                f"  {second.label} / {first.label}: throughput x{second.throughput / max(first.throughput, 1e-9):.2f}, "
+                f"p50 latency x{p50[1] / p50[0]:.2f}, p99 latency x{p99[1] / p99[0]:.2f}"
+            )
 
 
 if __name__ == "__main__":

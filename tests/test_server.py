@@ -129,14 +129,12 @@ def client(server: str) -> Iterator[httpx.Client]:
 @contextmanager
 def threaded_server(**changes: object) -> Iterator[tuple[str, object]]:
     """A uvicorn server in a thread with custom settings; yields (url, asgi app)."""
-    import uvicorn
-
-    from vaekit.interfaces.server import ServerSettings, create_app
+    from vaekit.interfaces.server import ServerSettings, create_app, make_server
 
     port = free_port()
     settings = ServerSettings(port=port, include_bundled=False, default_vae="small-sd1").replace(**changes)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = make_server(app, "127.0.0.1", port, log_level="warning")
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -563,6 +561,76 @@ def test_cross_site_requests_refused(client: httpx.Client, server: str) -> None:
     expect_error(client.get("/health", headers={"Host": "evil.example"}), 403, "loopback")
     same = server.removeprefix("http://")
     assert client.post("/encode", content=img, headers={"Origin": f"http://{same}"}).status_code == 200
+    # a sandboxed iframe on any site sends "Origin: null"; another scheme or port is another origin
+    for origin in ("null", "NULL", f"https://{same}", f"ws://{same}", f"http://{same}0", "http://localhost"):
+        for method, path in (("POST", "/roundtrip"), ("POST", "/vaes/select"), ("GET", "/vaes")):
+            r = client.request(method, path, content=img, headers={"Origin": origin})
+            expect_error(r, 403, "refused")
+    # without an Origin, the browser's own word: cross-site fetches are refused, navigations to the page are not
+    expect_error(client.post("/roundtrip", content=img, headers={"Sec-Fetch-Site": "cross-site"}), 403, "cross-site")
+    nav = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate"}
+    assert client.get("/", headers=nav).status_code == 200
+    assert client.post("/encode", content=img, headers={"Sec-Fetch-Site": "same-origin"}).status_code == 200
+    assert client.post("/vaes/select", json={"vae": "small-sd1"}, headers={"Sec-Fetch-Site": "none"}).status_code == 200
+
+
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (5, 5), (5, 40), (40, 4), (6, 6), (11, 9)])
+def test_tiny_images_round_trip(client: httpx.Client, reference: dict[str, VAE], size: tuple[int, int]) -> None:
+    w, h = size
+    img = photo(w, h, seed=w * 100 + h)
+    _, dec = pipeline.roundtrip(reference["small-sd1"], [img])
+    r = client.post("/roundtrip", content=png_bytes(img))
+    assert r.status_code == 200, r.text
+    got = decode_png(r.content)
+    assert got.shape == (3, h, w) and (got - dec.images[0]).abs().max() <= 1 / 255 + 1e-6
+    small = min(w, h) <= 5  # smaller than half the SSIM window: SSIM is not measurable, the rest is
+    assert r.headers["x-vaekit-ssim"] == "n/a" if small else 0 < float(r.headers["x-vaekit-ssim"]) <= 1
+    j = client.post("/roundtrip", params={"format": "json"}, content=png_bytes(img)).json()
+    assert math.isfinite(j["metrics"]["psnr"]) and (j["metrics"]["ssim"] is None) == small
+    assert j["image_size"] == [w, h]
+    rows = client.post("/compare", params={"vaes": "small-sd1,small-taesd"}, content=png_bytes(img)).json()
+    assert len(rows["results"]) == 2 and all(math.isfinite(row["psnr"]) for row in rows["results"])
+    channels = client.post("/latents/channels", content=png_bytes(img))
+    assert channels.status_code == 200 and channels.json()["shape"][1:] == [-(-h // 8), -(-w // 8)]
+    files = {"a": ("a.png", png_bytes(img)), "b": ("b.png", png_bytes(photo(w, h, seed=1)))}
+    stream = client.post("/interpolate", params={"steps": 3}, files=files)
+    assert stream.status_code == 200 and json.loads(stream.text.splitlines()[-1])["event"] == "done"
+
+
+def test_thin_images_are_capped_by_their_padded_size(client: httpx.Client) -> None:
+    # 1 x 60,000 is under the cap of 256 x 256 pixels, but the VAE works on 8 x 60,000
+    thin = io.BytesIO()
+    Image.new("RGB", (1, 60_000), (10, 200, 30)).save(thin, format="PNG")
+    before = client.get("/health").json()["stats"]["submitted"]
+    for path in ("/encode", "/roundtrip", "/latents/channels", "/compare"):
+        expect_error(client.post(path, content=thin.getvalue()), 413, "padded to 8x60000")
+    assert client.get("/health").json()["stats"]["submitted"] == before  # refused before any work was queued
+    assert_alive(client)
+
+
+def test_empty_names_and_cli_words_are_refused(client: httpx.Client) -> None:
+    for body in ({"vae": ""}, {"vae": "   "}, {"vae": None}, {"vae": 3}):
+        expect_error(client.post("/vaes/select", json=body), 422, "vae")
+    assert client.get("/health").json()["selected"] == "small-sd1"
+    files = {"a": ("a.png", png_bytes(photo(40, 32))), "b": ("b.png", png_bytes(photo(24, 24)))}
+    r = client.post("/interpolate", files=files)
+    expect_error(r, 400, "resize=true")
+    assert "--" not in r.json()["error"]
+
+
+def test_compare_reports_compute_time_ties_and_images(client: httpx.Client, library: Path, tmp_path: Path) -> None:
+    img = png_bytes(photo(32, 32, seed=13))
+    r = client.post("/compare", params={"vaes": "small-sd1,small-taesd", "images": "true"}, content=img)
+    data = r.json()
+    assert data["best"] == data["results"][0]["vae"] and data["tied"] == []
+    for row in data["results"]:
+        assert 0 < row["seconds"] < 30
+        pic = Image.open(io.BytesIO(base64.b64decode(row["image"].split(",", 1)[1])))
+        assert pic.size == (32, 32)
+    # the same VAE twice (a hash prefix and the name) is one row; a tie is no winner
+    sha = next(v["sha256"] for v in client.get("/vaes").json()["vaes"] if v["id"] == "small-sd1")
+    one = client.post("/compare", params={"vaes": f"small-sd1,{sha[:10]}"}, content=img).json()
+    assert len(one["results"]) == 1 and one["best"] == "small-sd1"
 
 
 def test_full_queue_gets_503_and_slow_requests_504(library: Path, isolated_env: None) -> None:

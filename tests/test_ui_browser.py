@@ -1,8 +1,11 @@
 """The web UI in headless Chromium (Playwright driving the system's chromium): pick a VAE, upload an image, see the
-reconstruction and its metrics; the latent channels, interpolation and comparison views; a screenshot is saved."""
+reconstruction and its metrics; the latent channels, interpolation and comparison views; errors shown where the user
+looks, in plain words, in their own view, clearing stale results; a phone-width layout; an axe-core accessibility
+check; a screenshot is saved."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -108,6 +111,8 @@ def test_channels_interpolation_and_compare_views(page, tmp_path: Path) -> None:
     assert "latent 4×6×8" in page.inner_text("#ch-shape")
 
     page.click("nav .tab[data-tab=interpolate]")
+    assert not page.is_visible("#ip-scrub") and not page.is_visible("#ip-view")  # nothing to scrub before a run
+    assert page.get_attribute("nav .tab[data-tab=interpolate]", "aria-selected") == "true"
     page.set_input_files("#ip-a", str(a))
     page.set_input_files("#ip-b", str(b))
     page.fill("#ip-steps", "5")
@@ -116,12 +121,127 @@ def test_channels_interpolation_and_compare_views(page, tmp_path: Path) -> None:
     srcs = page.eval_on_selector_all("#ip-strip img", "els => els.map(e => e.src.slice(0, 22))")
     assert srcs == ["data:image/png;base64,"] * 5
     assert page.eval_on_selector("#ip-progress .bar", "e => e.style.width") == "100%"
+    assert page.is_visible("#ip-scrub") and page.get_attribute("#ip-view", "alt") == "Frame 1 of 5"
+    page.fill("#ip-slider", "4")
+    assert page.get_attribute("#ip-view", "alt") == "Frame 5 of 5"
 
     page.click("nav .tab[data-tab=compare]")
     page.set_input_files("#cmp-file", str(a))
     page.click("#cmp-run")
-    page.wait_for_selector("#cmp-table:not([hidden])")
-    rows = page.eval_on_selector_all("#cmp-table tbody tr", "trs => trs.map(t => t.cells[0].textContent)")
+    page.wait_for_selector("#cmp-scroll:not([hidden])")
+    rows = page.eval_on_selector_all("#cmp-table tbody tr", "trs => trs.map(t => t.cells[0].firstChild.textContent)")
     assert sorted(rows) == ["small-sd1", "small-taesd"]
-    assert page.locator("#cmp-table tr.best").count() == 1
-    assert not page.is_visible("#error")
+    assert page.locator("#cmp-table tr.best").count() == 1 and page.locator("#cmp-table .badge").count() == 1
+    shots = page.eval_on_selector_all("#cmp-table tbody img", "els => els.map(e => [e.naturalWidth, e.alt])")
+    assert sorted(shots) == [[64, "Reconstruction by small-sd1"], [64, "Reconstruction by small-taesd"]]
+    seconds = page.eval_on_selector_all("#cmp-table tbody tr", "trs => trs.map(t => Number(t.cells[8].textContent))")
+    assert all(0 <= s < 30 for s in seconds)  # the forward passes' time: no queueing, no model loading
+    assert not page.is_visible("#error") and not page.is_visible("#cmp-error")
+
+
+# --- errors, layout and accessibility -----------------------------------------------------------------------------
+def in_viewport(page, selector: str) -> bool:  # type: ignore[no-untyped-def]
+    """The element is shown and wholly inside the visible part of the page (no scrolling needed)."""
+    box = page.locator(selector).bounding_box()
+    size = page.viewport_size
+    return box is not None and 0 <= box["y"] and box["y"] + box["height"] <= size["height"] and box["x"] >= 0
+
+
+def test_errors_are_visible_plain_per_view_and_clear_stale_results(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    good, bad = tmp_path / "good.png", tmp_path / "bad.png"
+    good.write_bytes(png_bytes(photo(320, 480, seed=24)))  # a tall image: results reach below the fold
+    bad.write_bytes(b"this is text, not a picture")
+    page.click("nav .tab[data-tab=roundtrip]")
+    page.set_input_files("#rt-file", str(good))
+    page.click("#rt-run")
+    page.wait_for_selector("#rt-metrics:not([hidden])")
+    page.evaluate("window.scrollTo(0, document.body.scrollHeight)")  # the user scrolled down to the metrics
+
+    page.set_input_files("#rt-file", str(bad))
+    page.click("#rt-run")
+    page.wait_for_selector("#rt-error:not([hidden])")
+    message = page.inner_text("#rt-error")
+    assert "Not a supported file" in message and in_viewport(page, "#rt-error")
+    for stale in ("#rt-recon", "#rt-diff", "#rt-original", "#rt-metrics"):  # nothing of the earlier run is left
+        assert not page.is_visible(stale), stale
+
+    # an internal error is explained, never shown raw (the server's answer is faked here)
+    raw = "internal error: RuntimeError: Argument #6: Padding size should be less than the corresponding input"
+    page.route("**/roundtrip?*", lambda route: route.fulfill(status=500, body=json.dumps({"error": raw})))
+    page.set_input_files("#rt-file", str(good))
+    page.click("#rt-run")
+    page.wait_for_function("document.querySelector('#rt-error').textContent.includes('internal error')")
+    message = page.inner_text("#rt-error")
+    assert "RuntimeError" not in message and "Argument" not in message and "log has the details" in message
+    page.unroute("**/roundtrip?*")
+
+    # each view keeps its own errors
+    page.click("nav .tab[data-tab=channels]")
+    assert not page.is_visible("#rt-error") and not page.is_visible("#ch-error") and not page.is_visible("#error")
+    page.click("nav .tab[data-tab=roundtrip]")
+    assert page.is_visible("#rt-error")
+
+    # the frame count is checked before anything is sent
+    sent: list[str] = []
+    page.on("request", lambda r: sent.append(r.url) if "/interpolate" in r.url else None)
+    page.click("nav .tab[data-tab=interpolate]")
+    page.set_input_files("#ip-a", str(good))
+    page.set_input_files("#ip-b", str(good))
+    for value in ("33", "1", "2.5"):
+        page.fill("#ip-steps", value)
+        page.click("#ip-run")
+        page.wait_for_selector("#ip-error:not([hidden])")
+        assert "from 2 to 32" in page.inner_text("#ip-error") and in_viewport(page, "#ip-error")
+    assert sent == []
+    page.fill("#ip-steps", "8")
+
+
+def test_phone_width_has_three_equal_columns(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    image = tmp_path / "wide.png"
+    image.write_bytes(png_bytes(photo(200, 64, seed=25)))
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        page.click("nav .tab[data-tab=roundtrip]")
+        page.set_input_files("#rt-file", str(image))
+        page.click("#rt-run")
+        page.wait_for_selector("#rt-metrics:not([hidden])")
+        widths = page.eval_on_selector_all("#rt-images figure", "fs => fs.map(f => f.getBoundingClientRect().width)")
+        assert len(widths) == 3 and max(widths) - min(widths) < 1, widths
+        overflow = page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0  # nothing wider than the screen (wide tables scroll in their own region)
+    finally:
+        page.set_viewport_size({"width": 1280, "height": 900})
+
+
+def axe_source() -> str:
+    """axe-core's axe.min.js, as shipped inside the axe-playwright-python package (the test extra installs it)."""
+    module = pytest.importorskip("axe_playwright_python", reason="axe-playwright-python (axe-core) is not installed")
+    path = Path(module.__file__).parent / "axe.min.js"
+    if not path.is_file():
+        pytest.skip(f"axe.min.js is not in {path.parent}")
+    return path.read_text(encoding="utf-8")
+
+
+def test_accessibility_has_no_serious_violations(page, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source = axe_source()
+    image = tmp_path / "a11y.png"
+    image.write_bytes(png_bytes(photo(64, 48, seed=26)))
+    found: dict[str, list[str]] = {}
+    for tab, file_input, button, ready in (
+        ("roundtrip", "#rt-file", "#rt-run", "#rt-metrics:not([hidden])"),
+        ("channels", "#ch-file", "#ch-run", "#ch-grid figure"),
+        ("compare", "#cmp-file", "#cmp-run", "#cmp-scroll:not([hidden])"),
+        ("interpolate", None, None, None),
+    ):
+        page.click(f"nav .tab[data-tab={tab}]")
+        if file_input:
+            page.set_input_files(file_input, str(image))
+            page.click(button)
+            page.wait_for_selector(ready)
+        if not page.evaluate("typeof window.axe !== 'undefined'"):
+            page.add_script_tag(content=source)
+        result = page.evaluate("async () => await axe.run(document, {resultTypes: ['violations']})")
+        for v in result["violations"]:
+            if v["impact"] in ("serious", "critical"):
+                found.setdefault(f"{tab}: {v['id']} ({v['impact']})", []).extend(n["target"][0] for n in v["nodes"])
+    assert found == {}, found

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vaekit import validation
 from vaekit.errors import BadInputError, LoadError
 from vaekit.formats.io import write_json
 from vaekit.latent.render import heat_colors
@@ -167,7 +168,7 @@ def _measure(vae: VAE, images: Iterable[torch.Tensor], max_side: int | None, bat
     out: list[_Measured] = []
     pending: list[torch.Tensor] = []
     for image in images:
-        image = _fit_size(vae.check_images(image)[0].float().cpu(), max_side)
+        image = _fit_size(validation.image_batch(image, vae.config.in_channels)[0].float().cpu(), max_side)
         if pending and (image.shape != pending[0].shape or len(pending) == batch_size):
             out.extend(_measure_batch(vae, pending))
             pending = []

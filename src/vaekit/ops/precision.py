@@ -120,8 +120,10 @@ def execution_model(
         if fast:
             replica = optimize_for_inference(replica)
         replica = replica.to(device=device, dtype=dtype)
-        if channels_last:
-            replica = replica.to(memory_format=torch.channels_last)
+        if channels_last:  # 4-D weights only (a video VAE keeps its 5-D conv weights as they are)
+            for param in replica.parameters():
+                if param.ndim == 4:
+                    param.data = param.data.contiguous(memory_format=torch.channels_last)
     replica.eval().requires_grad_(False)
     per_model[key] = (sig, replica)
     return replica

@@ -256,6 +256,10 @@ class Trainer:
         else:
             self.vae_config = TRAIN_PRESETS[cfg.preset]
             self.model = build(self.vae_config)
+            if self.vae_config.kind == "tiny":
+                from vaekit.train.warm_init import box_codec_init
+
+                box_codec_init(self.model)  # type: ignore[arg-type]
         self.model.to(self.device).train()
         named = trainable_parameters(self.model, self.vae_config, cfg.train_part)
         train_names = {n for n, _ in named}

@@ -43,9 +43,7 @@ def serve_command(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve encode/decode/round-trip/compare over HTTP (docs at /docs) and the browser workbench at /."""
-    import uvicorn
-
-    from vaekit.interfaces.server import create_app
+    from vaekit.interfaces.server import create_app, make_server
     from vaekit.interfaces.server.settings import TOKEN_ENV, ServerSettings, is_loopback
 
     settings = ServerSettings(
@@ -74,4 +72,4 @@ def serve_command(
     if not is_loopback(host):
         cli.err.print(f"[yellow]warning:[/] listening on {host}: reachable from other machines")
     cli.err.print(f"serving on http://{shown}:{port}/  (API docs: /docs)")
-    uvicorn.run(asgi, host=host, port=port, log_level=log_level, access_log=log_level == "debug")
+    make_server(asgi, host, port, log_level=log_level, access_log=log_level == "debug").run()

@@ -76,7 +76,9 @@ def train_command(
     out: Annotated[Path, Opt("--out", "-o", help="Run folder: checkpoint, logs, samples, vae.safetensors.")],
     val_data: Annotated[list[str] | None, Opt("--val-data", help="Held-out images (removed from training).")] = None,
     val_count: Annotated[int, Opt(help="Without --val-data: hold out this many of the last images.")] = 2,
-    preset: Annotated[str, Opt(help="Architecture from scratch: tiny, small or sd-size.")] = "small",
+    preset: Annotated[
+        str, Opt(help="Architecture from scratch: tiny, small, small16 (the bundled default), wide16 or sd-size.")
+    ] = "small",
     init: Annotated[str | None, Opt(help="Fine-tune this VAE file (any file vaekit loads) instead.")] = None,
     train_part: Annotated[str, Opt(help="full, or decoder (encoder frozen; needs --init).")] = "full",
     crop: Annotated[int, Opt(help="Random crop size in pixels (multiple of 8).")] = 128,

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import vaekit
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server.catalog import UnknownVAEError
 from vaekit.interfaces.server.payloads import PayloadTooLargeError, UnsupportedFormatError
 from vaekit.interfaces.server.routes import router
-from vaekit.interfaces.server.scheduler import QueueFullError, RequestTimeoutError
-from vaekit.interfaces.server.security import GuardMiddleware
+from vaekit.interfaces.server.scheduler import QueueFullError, RequestTimeoutError, ShuttingDownError
+from vaekit.interfaces.server.security import BodyTooLarge, GuardMiddleware
 from vaekit.interfaces.server.settings import ServerSettings, is_loopback
 from vaekit.interfaces.server.state import ServerState, build_state
 from vaekit.interfaces.ui import static_dir
@@ -41,7 +44,7 @@ def _status_for(exc: VaekitError) -> int:
         return 415
     if isinstance(exc, UnknownVAEError):
         return 404
-    if isinstance(exc, QueueFullError):
+    if isinstance(exc, QueueFullError | ShuttingDownError):
         return 503
     if isinstance(exc, RequestTimeoutError):
         return 504
@@ -71,10 +74,21 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail), dict(exc.headers or {}))
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return _error(413, "request body over the cap")  # the guard answers with the cap in its message
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error in %s %s", request.method, request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}")
+        # A client that went away, or a body cut off at the cap, is not the server's fault: nothing to report.
+        if isinstance(exc, ClientDisconnect | BodyTooLarge) or isinstance(exc.__cause__, ClientDisconnect):
+            log.debug("%s %s: the client went away", request.method, request.url.path)
+            return _error(499, "the client went away")
+        # One line in the log (the traceback only at debug level); the client gets no library internals.
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        log.error("internal error in %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, first)
+        log.debug("traceback of the internal error", exc_info=exc)
+        return _error(500, "internal error: the server could not complete this request (its log has the details)")
 
 
 def create_app(settings: ServerSettings | None = None) -> GuardMiddleware:
@@ -129,3 +143,17 @@ def create_app(settings: ServerSettings | None = None) -> GuardMiddleware:
 def server_state(app: GuardMiddleware) -> ServerState:
     """The state behind an app made by :func:`create_app` (for tests and embedding)."""
     return app.app.state.vaekit  # type: ignore[attr-defined]
+
+
+def make_server(
+    app: GuardMiddleware, host: str, port: int, log_level: str = "info", access_log: bool = False
+) -> uvicorn.Server:
+    """A uvicorn server for ``app`` whose shutdown (SIGTERM, Ctrl-C) first stops the work in progress and answers
+    the queued requests with 503, so it does not wait for a long batch to finish."""
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            server_state(app).scheduler.stop(wait=False)
+            await super().shutdown(sockets)
+
+    return Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log))

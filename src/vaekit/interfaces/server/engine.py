@@ -5,18 +5,28 @@ Everything here runs on the scheduler's worker thread, never on the event loop.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from vaekit.interfaces.server.model_cache import ModelCache
+from vaekit.interfaces.server.payloads import PayloadTooLargeError
 from vaekit.ops import codec as pipeline
 from vaekit.ops.codec import CodecOptions
 from vaekit.ops.precision import resolve_dtype
 from vaekit.vae import VAE
 
 OPERATIONS = ("encode", "decode", "roundtrip")
+PASSES = {"encode": 1, "decode": 1, "roundtrip": 2}  # forward passes (encoder or decoder) per item
+MIN_MEASURED_PIXELS = 256 * 256  # smaller batches are dominated by fixed costs: they would inflate the rate
+
+
+def padded(side: int, multiple: int) -> int:
+    """``side`` rounded up to a multiple of ``multiple``: what the pipeline pads an image side to."""
+    return -(-side // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -52,15 +62,61 @@ class WorkResult:
     dtype: str = ""
     vae: VAE | None = None  # the model that ran (for the latent file's metadata)
     notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0  # compute time of this item's share of its batch (no queueing, no model loading)
 
 
 class Engine:
     """Runs groups of work on VAEs held by a :class:`ModelCache`."""
 
-    def __init__(self, models: ModelCache, device: torch.device) -> None:
+    def __init__(self, models: ModelCache, device: torch.device, max_pixels: int | None = None) -> None:
         self.models = models
         self.device = device
+        self.max_pixels = max_pixels
         self.forward_calls = 0
+        self.seconds_per_pixel: dict[tuple[str, str], float] = {}  # measured per (VAE, precision), per pass
+        self._rate_lock = threading.Lock()
+
+    def estimate_seconds(self, vae: str, precision: str, pixel_passes: int) -> float | None:
+        """The compute time of ``pixel_passes`` (padded pixels x passes) on ``vae`` from what was measured on it;
+        None before a large enough batch ran on it."""
+        with self._rate_lock:
+            rate = self.seconds_per_pixel.get((vae, precision))
+        return None if rate is None else rate * pixel_passes
+
+    def _pixel_passes(self, key: WorkKey, items: Sequence[object], multiple: int) -> int:
+        """The work of a group in padded pixels x passes; an image over the pixel cap once padded is refused."""
+        total = 0
+        for item in items:
+            if isinstance(item, DecodeItem):
+                h, w = item.latent.shape[-2] * multiple, item.latent.shape[-1] * multiple
+            else:
+                h, w = padded(int(item.shape[-2]), multiple), padded(int(item.shape[-1]), multiple)  # type: ignore[attr-defined]
+                if self.max_pixels is not None and h * w > self.max_pixels:
+                    raise PayloadTooLargeError(
+                        f"the image pads to {w}x{h} = {w * h} pixels for this VAE (sides rounded up to a multiple "
+                        f"of {multiple}), over the server's cap of {self.max_pixels} pixels"
+                    )
+            total += h * w * PASSES.get(key.op, 1)
+        return total
+
+    def _measured(self, key: WorkKey, pixel_passes: int, seconds: float) -> None:
+        if pixel_passes < MIN_MEASURED_PIXELS:
+            return
+        with self._rate_lock:
+            old, new = self.seconds_per_pixel.get((key.vae, key.precision)), seconds / pixel_passes
+            self.seconds_per_pixel[(key.vae, key.precision)] = new if old is None else 0.7 * old + 0.3 * new
+
+    def run(self, key: WorkKey, items: Sequence[object]) -> list[WorkResult]:
+        """Run one group: ``items`` are image tensors (encode, roundtrip) or :class:`DecodeItem` (decode)."""
+        vae = self.vae(key.vae, key.precision)
+        pixel_passes = self._pixel_passes(key, items, vae.downscale)
+        started = time.perf_counter()
+        results = self._run(vae, key, items)
+        seconds = time.perf_counter() - started
+        self._measured(key, pixel_passes, seconds)
+        for r in results:
+            r.seconds = seconds / max(1, len(results))
+        return results
 
     def dtype_for(self, precision: str) -> torch.dtype:
         """The dtype a precision name means on this server's device (``auto``: the fastest safe one)."""
@@ -70,9 +126,7 @@ class Engine:
         """The VAE called ``name``, loaded in the dtype ``precision`` resolves to (held in the LRU)."""
         return self.models.get(name, self.dtype_for(precision))
 
-    def run(self, key: WorkKey, items: Sequence[object]) -> list[WorkResult]:
-        """Run one group: ``items`` are image tensors (encode, roundtrip) or :class:`DecodeItem` (decode)."""
-        vae = self.vae(key.vae, key.precision)
+    def _run(self, vae: VAE, key: WorkKey, items: Sequence[object]) -> list[WorkResult]:
         opts = CodecOptions(precision=key.precision, tiling=key.tiling)
         sha = vae.origin.sha256 or ""
         dtype = str(vae.dtype).removeprefix("torch.")

@@ -44,10 +44,12 @@ class UnsupportedFormatError(BadInputError):
 SUFFIXES = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 
 
-def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image") -> torch.Tensor:
+def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image", multiple: int = 8) -> torch.Tensor:
     """Uploaded image bytes -> (3, H, W) float in [0, 1].
 
-    The format and size are checked from the header first (no pixel is decoded for a refused upload); then the
+    The format and size are checked from the header first (no pixel is decoded for a refused upload), and the size
+    that counts is the padded one: a VAE works on sides rounded up to its ``multiple``, so a 1-pixel-wide strip
+    costs as much as an 8-pixel-wide one and is capped as such. Then the
     bytes go through vaekit's own reader (EXIF orientation, 16-bit PNGs at full precision) from a file in the
     server's private temporary folder, removed at once. Alpha is dropped: the workbench shows RGB.
     """
@@ -66,6 +68,12 @@ def read_image(data: bytes, max_pixels: int, tmpdir: Path, what: str = "image") 
         raise UnsupportedFormatError(f"{what}: unsupported image format {fmt}; send PNG, JPEG, WebP, BMP or TIFF")
     if w * h > max_pixels:
         raise PayloadTooLargeError(f"{what}: {w}x{h} is {w * h} pixels, over the server's cap of {max_pixels} pixels")
+    pw, ph = -(-w // multiple) * multiple, -(-h // multiple) * multiple
+    if pw * ph > max_pixels:
+        raise PayloadTooLargeError(
+            f"{what}: {w}x{h} is padded to {pw}x{ph} = {pw * ph} pixels for the VAE (sides are rounded up to a "
+            f"multiple of {multiple}), over the server's cap of {max_pixels} pixels"
+        )
     path = tmpdir / f"upload-{uuid.uuid4().hex}{SUFFIXES[str(fmt)]}"
     try:
         path.write_bytes(data)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,19 +14,21 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 import vaekit
-from vaekit.errors import BadInputError
+from vaekit import families
+from vaekit.errors import BadInputError, VaekitError
 from vaekit.interfaces.server import payloads
 from vaekit.interfaces.server.catalog import CatalogEntry
-from vaekit.interfaces.server.engine import DecodeItem, WorkResult
-from vaekit.interfaces.server.state import ServerState
+from vaekit.interfaces.server.engine import DecodeItem, WorkResult, padded
+from vaekit.interfaces.server.state import ServerState, disconnect_watch
 from vaekit.interfaces.server.views import channel_images, difference_image, headline_metrics, image_metrics
 from vaekit.latent.interpolation import METHODS, interpolate_latents, match_size
 
 router = APIRouter()
-LATENT_DOWNSCALE = 8  # pixels per latent cell of every supported family; used to cap decoded sizes up front
+LATENT_DOWNSCALE = 8  # pixels per latent cell when a VAE's family does not say (the smallest of them all)
+log = logging.getLogger("vaekit.server")
 
 VaeQuery = Annotated[str | None, Query(description="VAE name, id or hash prefix from GET /vaes (default: selected)")]
 PrecisionQuery = Annotated[str | None, Query(description="fp32, bf16, fp16 or auto (default: the server's)")]
@@ -79,8 +83,26 @@ def _headers(entry: CatalogEntry, result: WorkResult | None, started: float) -> 
     return headers
 
 
-async def _image_in(state: ServerState, data: bytes, what: str = "image") -> torch.Tensor:
-    return await asyncio.to_thread(payloads.read_image, data, state.settings.max_pixels, state.tmpdir, what)
+def downscale(*entries: CatalogEntry) -> int:
+    """Image pixels per latent cell, per side, of the entries' families (the largest): the multiple an image is
+    padded to, and what a latent decodes to. The worker checks again with each loaded VAE's own figure."""
+    out = LATENT_DOWNSCALE
+    for entry in entries:
+        try:
+            out = max(out, families.get(entry.entry.family).latent_downscale)
+        except VaekitError:  # a custom or unknown family: the smallest multiple, checked again by the worker
+            pass
+    return out
+
+
+async def _image_in(state: ServerState, data: bytes, multiple: int, what: str = "image") -> torch.Tensor:
+    read = payloads.read_image
+    return await asyncio.to_thread(read, data, state.settings.max_pixels, state.tmpdir, what, multiple)
+
+
+def _work(image: torch.Tensor, passes: int, multiple: int) -> int:
+    """Padded pixels x forward passes of work on ``image`` (3, H, W)."""
+    return padded(int(image.shape[-2]), multiple) * padded(int(image.shape[-1]), multiple) * passes
 
 
 async def _encode_image_out(image: torch.Tensor, fmt: str) -> tuple[bytes, str]:
@@ -103,6 +125,15 @@ async def health(request: Request) -> dict[str, Any]:
         "loaded": [vars(m) for m in state.models.loaded()],
         "stats": vars(st) | {"forward_calls": state.engine.forward_calls, "model_loads": state.models.loads},
         "uptime_s": round(time.time() - state.started, 3),
+        "limits": {
+            "max_pixels": state.settings.max_pixels,
+            "max_request_pixels": state.settings.request_pixels,
+            "max_body_bytes": state.settings.max_body_bytes,
+            "max_batch_items": state.settings.max_batch_items,
+            "max_interpolation_steps": state.settings.max_interpolation_steps,
+            "request_timeout_s": state.settings.request_timeout_s,
+        },
+        "streams": state.streams,
     }
 
 
@@ -122,7 +153,7 @@ async def list_vaes(request: Request) -> dict[str, Any]:
 class SelectBody(BaseModel):
     """Body of POST /vaes/select."""
 
-    vae: str
+    vae: str = Field(min_length=1, max_length=512, pattern=r"\S", description="VAE id, name or hash prefix")
 
 
 @router.post("/vaes/select", tags=["library"])
@@ -150,8 +181,9 @@ async def encode(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 1, downscale(entry)))
+    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None and result.image_size is not None and result.padding is not None
     headers = _headers(entry, result, started)
     latent = result.latent.unsqueeze(0)
@@ -202,10 +234,11 @@ def _check_latents(state: ServerState, entry: CatalogEntry, lat: payloads.Latent
             f"latents have {c} channels but the {entry.entry.family} VAE {entry.id!r} takes {want}: "
             "they were made by a VAE of another family"
         )
-    pixels = h * w * LATENT_DOWNSCALE**2
+    f = downscale(entry)
+    pixels = h * w * f**2
     if pixels > state.settings.max_pixels:
         raise payloads.PayloadTooLargeError(
-            f"latents of {w}x{h} decode to {w * LATENT_DOWNSCALE}x{h * LATENT_DOWNSCALE} = {pixels} pixels, over the "
+            f"latents of {w}x{h} decode to {w * f}x{h * f} = {pixels} pixels, over the "
             f"server's cap of {state.settings.max_pixels}"
         )
     if not bool(torch.isfinite(z).all()):
@@ -257,7 +290,8 @@ async def decode(
         for i in range(n)  # type: ignore[arg-type]
     ]
     shape = tuple(lat.latents.shape[1:])
-    results = await asyncio.gather(*(state.run("decode", entry, prec, tile, it, shape) for it in items))
+    state.admit(entry, prec, n * shape[-2] * shape[-1] * downscale(entry) ** 2)
+    results = await asyncio.gather(*(state.run("decode", entry, prec, tile, it, shape, request) for it in items))
     headers = _headers(entry, results[0], started)
     if fmt == "raw":
         images = torch.stack([r.image for r in results])  # type: ignore[misc]
@@ -284,17 +318,19 @@ async def roundtrip(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 2, downscale(entry)))
+    result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
     assert result.image is not None and result.latent is not None
     headers = _headers(entry, result, started)
     if fmt != "json":  # the image, with the two headline metrics in headers (the full set costs more than a decode)
         psnr, ssim = await asyncio.to_thread(headline_metrics, image, result.image)
-        headers |= {"X-Vaekit-PSNR": f"{psnr:.4f}", "X-Vaekit-SSIM": f"{ssim:.6f}"}
+        headers |= {"X-Vaekit-PSNR": f"{psnr:.4f}", "X-Vaekit-SSIM": "n/a" if ssim is None else f"{ssim:.6f}"}
         body, media = await _encode_image_out(result.image, fmt)
         return Response(body, media_type=media, headers=headers)
     metrics = await asyncio.to_thread(image_metrics, image, result.image)
-    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": f"{metrics['ssim']:.6f}"}
+    ssim = metrics["ssim"]
+    headers |= {"X-Vaekit-PSNR": f"{metrics['psnr']:.4f}", "X-Vaekit-SSIM": "n/a" if ssim is None else f"{ssim:.6f}"}
 
     def views() -> dict[str, str]:
         return {
@@ -313,6 +349,7 @@ async def roundtrip(
             "metrics": metrics,
             "notes": result.notes,
             "seconds": round(time.perf_counter() - started, 4),
+            "compute_seconds": round(result.seconds, 4),
             "images": images,
         },
         headers=headers,
@@ -327,8 +364,13 @@ async def compare(
     ] = None,
     precision: PrecisionQuery = None,
     tiling: TilingQuery = None,
+    images: Annotated[bool, Query(description="include each reconstruction as a PNG data URL")] = False,
 ) -> dict[str, Any]:
-    """Round-trip one image through several VAEs and report each one's metrics, best first."""
+    """Round-trip one image through several VAEs and report each one's metrics, best first.
+
+    ``seconds`` is each VAE's compute time (its share of the forward passes), without queueing or model loading;
+    ``best`` is the VAE with the strictly highest PSNR, or null when the top PSNRs tie (e.g. identical weights).
+    """
     state = state_of(request)
     prec, tile = state.precision(precision), state.tiling(tiling)
     if vaes:
@@ -341,30 +383,37 @@ async def compare(
     if len(entries) > 8:
         raise BadInputError(f"{len(entries)} VAEs in one comparison; the cap is 8")
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
+    unique = list({e.id: e for e in entries}.values())
+    image = await _image_in(state, data, downscale(*unique))
+    for entry in unique:
+        state.admit(entry, prec, _work(image, 2, downscale(*unique)) * len(unique))
 
     async def one(entry: CatalogEntry) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape))
-        metrics = await asyncio.to_thread(image_metrics, image, result.image)  # type: ignore[arg-type]
-        return {
+        result = await state.run("roundtrip", entry, prec, tile, image, tuple(image.shape), request)
+        assert result.image is not None
+        metrics = await asyncio.to_thread(image_metrics, image, result.image)
+        row = {
             "vae": entry.id,
             "family": result.family,
             "sha256": entry.sha256,
             "dtype": result.dtype,
             **metrics,
-            "seconds": round(time.perf_counter() - t0, 4),
+            "seconds": round(result.seconds, 4),
             "notes": result.notes,
         }
+        if images:
+            row["image"] = await asyncio.to_thread(payloads.image_data_url, result.image)
+        return row
 
-    unique = list({e.id: e for e in entries}.values())
     rows = await asyncio.gather(*(one(e) for e in unique))
     rows = sorted(rows, key=lambda r: -r["psnr"])
+    best = rows[0]["vae"] if len(rows) == 1 or rows[0]["psnr"] > rows[1]["psnr"] + 1e-6 else None
     return {
         "image_size": [image.shape[2], image.shape[1]],
         "metric_source": "vaekit.eval.metrics",
         "results": rows,
-        "best": rows[0]["vae"],
+        "best": best,
+        "tied": [r["vae"] for r in rows if r["psnr"] >= rows[0]["psnr"] - 1e-6] if best is None else [],
     }
 
 
@@ -378,8 +427,9 @@ async def latent_channels(
     prec, tile = state.precision(precision), state.tiling(tiling)
     entry = await state.entry(vae)
     (data,) = await upload(request, "file")
-    image = await _image_in(state, data)
-    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape))
+    image = await _image_in(state, data, downscale(entry))
+    state.admit(entry, prec, _work(image, 1, downscale(entry)))
+    result = await state.run("encode", entry, prec, tile, image, tuple(image.shape), request)
     assert result.latent is not None
 
     def render() -> list[dict[str, Any]]:
@@ -412,33 +462,68 @@ async def interpolate(
         raise BadInputError(f"unknown interpolation {method!r}: use slerp or lerp")
     entry = await state.entry(vae)
     data_a, data_b = await upload(request, "a", "b")
-    img_a = await _image_in(state, data_a, "image a")
-    img_b = match_size(img_a, await _image_in(state, data_b, "image b"), resize)
+    img_a = await _image_in(state, data_a, downscale(entry), "image a")
+    img_b = await _image_in(state, data_b, downscale(entry), "image b")
+    if img_a.shape != img_b.shape and not resize:
+        raise BadInputError(
+            f"images a and b differ in size ({img_a.shape[2]}x{img_a.shape[1]} vs {img_b.shape[2]}x{img_b.shape[1]}): "
+            "send resize=true to resize b to a's size, or two images of one size"
+        )
+    img_b = match_size(img_a, img_b, resize)
     shape = tuple(img_a.shape)
-    enc_a, enc_b = await asyncio.gather(*(state.run("encode", entry, prec, tile, im, shape) for im in (img_a, img_b)))
+    state.admit(entry, prec, _work(img_a, 2 + steps, downscale(entry)))  # two encodes, then one decode per frame
+    state.check_stream_room()
+    enc_a, enc_b = await asyncio.gather(
+        *(state.run("encode", entry, prec, tile, im, shape, request) for im in (img_a, img_b))
+    )
     frames = interpolate_latents(enc_a.latent, enc_b.latent, steps, method)  # type: ignore[arg-type]
     started = time.perf_counter()
+    window = state.stream_window  # a stream's fair share of the queue: one batch of frames at a time
 
     async def events() -> AsyncIterator[bytes]:
+        state.streams += 1
+        try:
+            async with contextlib.aclosing(frame_events()) as inner:
+                async for event in inner:
+                    yield event
+        finally:
+            state.streams -= 1
+
+    async def frame_events() -> AsyncIterator[bytes]:
         yield _event({"event": "start", "total": steps, "vae": entry.id, "latent_shape": list(frames.shape[1:])})
 
         async def frame(i: int) -> tuple[int, WorkResult]:
             item = DecodeItem(frames[i], enc_a.image_size, enc_a.padding)
-            return i, await state.run("decode", entry, prec, tile, item, tuple(frames.shape[1:]))
+            result = await state.run("decode", entry, prec, tile, item, tuple(frames.shape[1:]), admitted=True)
+            return i, result
 
-        tasks = [asyncio.ensure_future(frame(i)) for i in range(steps)]
+        pending: set[asyncio.Future[Any]] = set()
+        gone = disconnect_watch(request)
+        next_frame = done = 0
         try:
-            done = 0
-            for next_done in asyncio.as_completed(tasks):
-                i, result = await next_done
-                done += 1
-                url = await asyncio.to_thread(payloads.image_data_url, result.image)
-                yield _event({"event": "frame", "index": i, "done": done, "total": steps, "image": url})
+            while done < steps:
+                while next_frame < steps and len(pending) < window:  # the stream's next frames join the queue's end
+                    pending.add(asyncio.ensure_future(frame(next_frame)))
+                    next_frame += 1
+                finished, _ = await asyncio.wait(pending | {gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone in finished:
+                    return  # the client went away: the finally clause abandons its frames
+                pending -= finished
+                for task in finished:
+                    i, result = task.result()
+                    done += 1
+                    url = await asyncio.to_thread(payloads.image_data_url, result.image)
+                    yield _event({"event": "frame", "index": i, "done": done, "total": steps, "image": url})
             yield _event({"event": "done", "seconds": round(time.perf_counter() - started, 4)})
-        except Exception as e:  # the status line is sent: report the failure in the stream
+        except VaekitError as e:  # the status line is sent: report the failure in the stream
             yield _event({"event": "error", "error": str(e) or type(e).__name__})
-        finally:  # a client that went away leaves nothing queued for it
-            for t in tasks:
+        except Exception as e:
+            log.error(
+                "interpolation stream failed: %s: %s", type(e).__name__, str(e).splitlines()[0][:200] if str(e) else ""
+            )
+            yield _event({"event": "error", "error": "internal error while decoding the frames (see the server's log)"})
+        finally:  # a client that went away leaves nothing queued or running for it
+            for t in pending:
                 t.cancel()
 
     return StreamingResponse(events(), media_type="application/x-ndjson", headers=_headers(entry, None, started))

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from starlette.requests import ClientDisconnect
 
 from vaekit.interfaces.server.settings import is_loopback
 
@@ -23,6 +26,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 TOKEN_COOKIE = "vaekit_token"
+log = logging.getLogger("vaekit.server")
 
 
 class BodyTooLarge(Exception):
@@ -117,9 +121,21 @@ class GuardMiddleware:
         if self.loopback_only and host and not is_loopback(_hostname(host)):
             return 403, f"Host {host!r} refused: this server only answers requests addressed to a loopback name"
         origin = headers.get("origin")
-        # Cross-site requests from a browser (CSRF) carry a foreign Origin; the UI's own requests carry ours.
-        if origin and origin != "null" and urlsplit(origin).netloc.lower() != host.lower():
-            return 403, f"cross-origin request from {origin} refused"
+        # Cross-site requests from a browser (CSRF) carry a foreign Origin; the UI's own requests carry ours, with
+        # the same scheme. "null" is what sandboxed iframes, data: URLs and some redirects send: a page anywhere.
+        if origin is not None:
+            if origin.strip().lower() == "null":
+                return 403, "cross-origin request from an opaque origin ('null', e.g. a sandboxed frame) refused"
+            parts = urlsplit(origin.strip())
+            scheme = str(scope.get("scheme") or "http").lower()
+            if parts.scheme.lower() != scheme or parts.netloc.lower() != host.lower():
+                return 403, f"cross-origin request from {origin} refused"
+        # Browsers also say where a request comes from; only top-level navigations (links, the address bar) may
+        # come from another site, and they only read pages.
+        if headers.get("sec-fetch-site") == "cross-site":
+            navigation = headers.get("sec-fetch-mode") == "navigate" and scope.get("method") in ("GET", "HEAD")
+            if not navigation:
+                return 403, "cross-site request refused"
         return None
 
     def _too_large(self) -> str:
@@ -161,9 +177,15 @@ class GuardMiddleware:
 
         try:
             await self.app(scope, capped_receive, tracking_send)
-        except Exception:
-            if not over:
-                raise
+        except ClientDisconnect:
+            return  # nobody to answer
+        except Exception as e:
+            # Starlette answers an unexpected error with a 500 and then raises it again; letting it reach uvicorn
+            # would close a keep-alive connection whose next request is already on its way. The error is logged.
+            if not over and not started:
+                log.error("internal error: %s", type(e).__name__)
+                await send_json(send, 500, "internal error: the server could not complete this request")
+                return
         if over and not started:
             await send_json(send, 413, self._too_large())
 

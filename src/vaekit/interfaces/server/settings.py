@@ -38,7 +38,8 @@ class ServerSettings:
     device: str = "auto"
     precision: str = "fp32"  # default per-request precision
     max_body_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 2048 * 2048  # per uploaded image and per decoded image
+    max_pixels: int = 2048 * 2048  # per uploaded image and per decoded image, counted once padded for the VAE
+    max_request_pixels: int | None = None  # padded pixels x forward passes of one request; None: 32 x max_pixels
     max_batch_items: int = 16  # latents per /decode request
     max_queue: int = 64  # requests waiting for the worker; more get 503 + Retry-After
     batch_window_ms: float = 10.0  # how long the worker waits for more requests of the same kind
@@ -46,6 +47,11 @@ class ServerSettings:
     request_timeout_s: float = 120.0
     model_memory_bytes: int = 2 * 1024**3  # cap on the weights of the VAEs kept loaded (LRU)
     max_interpolation_steps: int = 32
+
+    @property
+    def request_pixels(self) -> int:
+        """The cap on one request's work: padded pixels times forward passes, over all its items."""
+        return self.max_request_pixels or 32 * self.max_pixels
 
     def replace(self, **changes: object) -> ServerSettings:
         """A copy with some fields changed."""
@@ -66,6 +72,8 @@ class ServerSettings:
         for name in ("max_body_bytes", "max_pixels", "max_batch_items", "max_queue", "max_batch"):
             if getattr(self, name) < 1:
                 raise BadInputError(f"{name} must be at least 1")
+        if self.max_request_pixels is not None and self.max_request_pixels < 2 * self.max_pixels:
+            raise BadInputError("max_request_pixels must allow a round trip of the largest image (2 x max_pixels)")
         if self.batch_window_ms < 0 or self.request_timeout_s <= 0:
             raise BadInputError("batch window must be >= 0 and the request timeout > 0")
         if not 0 <= self.port < 65536:

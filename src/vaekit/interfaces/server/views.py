@@ -19,12 +19,26 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None  # JSON has no NaN: "not measurable" is null
 
 
+def _ssim(original: torch.Tensor, reconstruction: torch.Tensor) -> float:
+    """SSIM, or nan for an image too small for its Gaussian window (the window is padded by reflection, which
+    needs more pixels than half the window on each side)."""
+    if min(original.shape[-2:]) <= getattr(eval_metrics, "SSIM_KERNEL", 11) // 2:
+        return math.nan
+    return eval_metrics.ssim(original, reconstruction)
+
+
 def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, Any]:
     """The metrics ``vaekit compare`` reports for one image (PSNR, SSIM, MS-SSIM, colour fidelity), the mean
-    absolute error, and the compare feature's plain-words colour warnings."""
-    values = eval_metrics.image_metrics(original, reconstruction)
+    absolute error, and the compare feature's plain-words colour warnings; null where an image is too small."""
+    ms, scales = eval_metrics.ms_ssim(original, reconstruction)
+    values = {
+        "psnr": eval_metrics.psnr(original, reconstruction),
+        "ssim": _ssim(original, reconstruction),
+        "ms_ssim": ms,
+        **eval_metrics.colour_fidelity(original, reconstruction),
+    }
     out: dict[str, Any] = {k: _finite(float(v)) for k, v in values.items()}
-    out["ms_ssim_scales"] = int(values["ms_ssim_scales"])
+    out["ms_ssim_scales"] = int(scales)
     out["mae"] = float(torch.mean(torch.abs(original.float() - reconstruction.float())))
     nan = math.nan
     out["flags"] = eval_metrics.colour_flags(
@@ -33,9 +47,9 @@ def image_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> dict[
     return out
 
 
-def headline_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
-    """PSNR (dB) and SSIM alone, as ``vaekit compare`` computes them."""
-    return eval_metrics.psnr(original, reconstruction), eval_metrics.ssim(original, reconstruction)
+def headline_metrics(original: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float | None]:
+    """PSNR (dB) and SSIM alone, as ``vaekit compare`` computes them (SSIM None for a too-small image)."""
+    return eval_metrics.psnr(original, reconstruction), _finite(_ssim(original, reconstruction))
 
 
 def difference_image(original: torch.Tensor, reconstruction: torch.Tensor, gain: float = DIFF_GAIN) -> torch.Tensor:
