@@ -308,6 +308,7 @@ def peak_report(vae: object, image: torch.Tensor, latents: torch.Tensor, threads
     )
     print(hdr)
     profiles: dict[str, dict[str, float]] = {}
+    shape_rows: dict[str, list[tuple[tuple[object, ...], int, float, float]]] = {}
     for precision in ("fp32", "auto"):
         dtype = prec.resolve_dtype(precision, "cpu")
         model = prec.execution_model(vae.model, dtype, cpu, True, fast=True)  # type: ignore[attr-defined]
@@ -325,6 +326,10 @@ def peak_report(vae: object, image: torch.Tensor, latents: torch.Tensor, threads
                     alone[c] = _conv_alone(c, dtype)
             floor = sum(alone[c] for c in calls)
             peak = max(_conv_flops(c) / alone[c] for c in calls if _conv_flops(c) >= 0.02 * conv_flops)
+            shape_rows[f"{op} {precision}"] = [
+                (c, calls.count(c), calls.count(c) * _conv_flops(c) / conv_flops, _conv_flops(c) / alone[c])
+                for c in alone
+            ]
 
             def run(op: str = op, opts: CodecOptions = opts) -> object:
                 return decode(vae, latents, opts) if op == "decode" else encode(vae, image, opts)
@@ -351,6 +356,12 @@ def peak_report(vae: object, image: torch.Tensor, latents: torch.Tensor, threads
     for key, cats in profiles.items():
         total = sum(cats.values()) or 1.0
         print(f"{key:<14} " + " ".join(f"{cats[n] / total:>15.1%}" for n in names))
+    print("\nconvolution shapes run alone (input NCHW shape -> weight shape): calls, share of the conv FLOPs, GFLOP/s")
+    for key, shape_list in shape_rows.items():
+        print(f"{key}:")
+        for c, n, share, rate in sorted(shape_list, key=lambda r: -r[2]):
+            if share >= 0.01:
+                print(f"  {str(c[0]):<22} -> {str(c[1]):<20} x{n:<3} {share:>6.1%} {rate / 1e9:>8.1f}")
     for op in ("decode", "encode"):
         ratio = times[("auto", op)] / times[("fp32", op)]
         verdict = "SLOWER than fp32" if ratio > 1.0 else "not slower than fp32"
