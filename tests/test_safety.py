@@ -89,7 +89,7 @@ def test_non_model_files(tmp_path: Path) -> None:
 
 def test_wrong_family_override_is_an_error(tmp_path: Path) -> None:
     save_file(_small_sd(), tmp_path / "vae.safetensors")
-    with pytest.raises(LoadError, match="family sd3 has 16 latent channels, this VAE has 4"):
+    with pytest.raises(LoadError, match="family sd3 has 16 raw latent channels; this VAE has 4"):
         vaekit.load_vae(tmp_path / "vae.safetensors", family="sd3")
 
 

@@ -1,10 +1,16 @@
 """vaekit: load, inspect, encode, decode, compare and train the VAEs of latent diffusion models."""
 
+from __future__ import annotations
+
 from vaekit.errors import BadInputError, LoadError, UnsafeFileError, VaekitError
-from vaekit.families import FAMILIES, PRESETS, preset
-from vaekit.inspection import Inspection, inspect
-from vaekit.models.config import KLConfig, TinyConfig
-from vaekit.vae import VAE, load_vae, save_vae
+
+TYPE_CHECKING = False  # not typing's: importing typing would cost `vaekit --help` a tenth of its time budget
+if TYPE_CHECKING:
+    from vaekit.eval.compare import Comparison, compare
+    from vaekit.families import FAMILIES, PRESETS, preset
+    from vaekit.inspection import Inspection, inspect
+    from vaekit.models.config import KLConfig, TinyConfig
+    from vaekit.vae import VAE, load_vae, save_vae
 
 __version__ = "0.1.0"
 
@@ -27,8 +33,21 @@ __all__ = [
     "save_vae",
 ]
 
-# Heavy parts of the API (metrics libraries, plotting) load on first use, keeping `import vaekit` fast.
-_LAZY = {"compare": "vaekit.eval.compare", "Comparison": "vaekit.eval.compare"}
+# The public API loads on first use: `import vaekit` (and so `vaekit --help`) does not import PyTorch.
+_LAZY = {
+    "compare": "vaekit.eval.compare",
+    "Comparison": "vaekit.eval.compare",
+    "inspect": "vaekit.inspection",
+    "Inspection": "vaekit.inspection",
+    "FAMILIES": "vaekit.families",
+    "PRESETS": "vaekit.families",
+    "KLConfig": "vaekit.models.config",
+    "TinyConfig": "vaekit.models.config",
+    "preset": "vaekit.families",
+    "VAE": "vaekit.vae",
+    "load_vae": "vaekit.vae",
+    "save_vae": "vaekit.vae",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -36,5 +55,12 @@ def __getattr__(name: str) -> object:
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'vaekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The public API, loaded or not."""
+    return sorted(set(globals()) | set(__all__))

@@ -20,13 +20,15 @@ import json
 import os
 import sys
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vaekit import families
-from vaekit.errors import BadInputError
+from vaekit.errors import BadInputError, VaekitError
+from vaekit.errors import reason as error_reason
 from vaekit.families import PRESETS
 from vaekit.formats.io import WEIGHT_SUFFIXES, TensorFile, atomic_path, file_sha256, find_diffusers_weights
 
@@ -338,14 +340,17 @@ def scan(
                     pass  # an entry written by another vaekit version: read the file again
             try:
                 entry = describe_file(path)
-            except LoadError as e:
-                reason = _strip_path(str(e), path)
-                warnings.append(f"{path}: skipped, {reason}")
-                cache[key] = {"size": size, "mtime_ns": mtime, "error": reason}
+            except VaekitError as e:  # not a VAE, damaged, a refused pickle: one entry skipped, never the library
+                why = _strip_path(str(e), path)
+                warnings.append(f"{path}: skipped, {why}")
+                cache[key] = {"size": size, "mtime_ns": mtime, "error": why}
                 changed = True
                 continue
             except OSError as e:
                 warnings.append(f"{path}: skipped, cannot read it ({e.strerror or e})")
+                continue
+            except Exception as e:  # a reader's bug must not hide the rest of the library either
+                warnings.append(f"{path}: skipped, unexpected {type(e).__name__} ({error_reason(e)})")
                 continue
             entries.append(entry)
             cache[key] = entry.to_dict()
@@ -395,7 +400,9 @@ def find_in_library(name: str, entries: list[LibraryEntry], what: str = "VAE", w
             return e.sha256.startswith(lowered)
         return str(p).endswith(os.sep + name)
 
-    hits = [e for e in entries if matches(e)]
+    hits = sorted((e for e in entries if matches(e)), key=lambda e: e.path)
+    if len(hits) > 1 and len({e.sha256 for e in hits}) == 1:
+        return hits[0]  # identical copies (same hash) are one VAE: any copy will do
     if len(hits) > 1:
         shown = "; ".join(f"{e.path} ({e.short_hash})" for e in hits[:4])
         raise BadInputError(
@@ -475,12 +482,27 @@ def resolve_vae(
         return _resolve_name(name_or_path, env, "--vae")
     config = read_config(env)
     if checkpoint is not None and (chosen := selection_for(checkpoint, config)):
-        return _resolve_name(chosen, env, f"selected for {Path(checkpoint).name} (vaekit use --for)")
+        name = Path(checkpoint).name
+        with _stale_selection(chosen, f"vaekit use --for {name} --clear", env):
+            return _resolve_name(chosen, env, f"selected for {name} (vaekit use --for)")
     if config.vae:
-        return _resolve_name(config.vae, env, "global selection (vaekit use)")
+        with _stale_selection(config.vae, "vaekit use --clear", env):
+            return _resolve_name(config.vae, env, "global selection (vaekit use)")
     from vaekit import weights  # looked up at call time: the bundled file may be swapped (tests, updates)
 
     return ResolvedVAE(weights.default_vae_path(), "bundled default")
+
+
+@contextmanager
+def _stale_selection(chosen: str, clear: str, env: Mapping[str, str] | None) -> Iterator[None]:
+    """A selection that no longer resolves (file deleted or moved) says how to forget it."""
+    try:
+        yield
+    except BadInputError as e:
+        raise BadInputError(
+            f"{e} (the selection {chosen!r} in {config_file(env)} is stale: `{clear}` forgets it, "
+            "`vaekit use NAME` picks another)"
+        ) from None
 
 
 # --- checkpoint families -----------------------------------------------------------------------------------------
@@ -538,6 +560,26 @@ def check_family_match(vae: FamilyInfo, checkpoint: FamilyInfo, vae_name: str, c
         )
 
 
+def _clear_checkpoint(config: LibraryConfig, name: str, env: Mapping[str, str] | None) -> None:
+    """Forget the selection for a checkpoint named the way selecting names it: a path, or a library checkpoint's
+    file name or stem (found in the checkpoint folders, or matched by name when the file is gone)."""
+    keys = {checkpoint_key(name)}
+    try:
+        keys.add(checkpoint_key(find_checkpoint(name, env)))
+    except BadInputError:
+        pass  # the checkpoint file is gone: its entry is still matched by name below
+    lowered, file_name = name.lower(), Path(name).name.lower()
+    gone = [
+        k
+        for k in config.checkpoints
+        if k in keys or lowered in (k.lower(), Path(k).name.lower(), Path(k).stem.lower()) or file_name == k.lower()
+    ]
+    if not gone:
+        raise BadInputError(f"no VAE is selected for {name!r}, so there is nothing to clear; `vaekit use` shows them")
+    for k in gone:
+        del config.checkpoints[k]
+
+
 def select(
     name_or_path: str | None,
     checkpoint: str | os.PathLike[str] | None = None,
@@ -552,18 +594,20 @@ def select(
         resolved = _resolve_name(name_or_path, env, "selected")
         if resolved.path is None:
             raise BadInputError(f"{name_or_path!r} is a preset with random weights; select a VAE file instead")
+        family = vae_family(resolved.path)  # nothing is persisted that every later command would fail to load
         # Library names are stored as given (they survive moving the library); other paths are made absolute.
         stored = name_or_path if not Path(name_or_path).expanduser().exists() else str(resolved.path.resolve())
     if checkpoint is not None:
-        if name_or_path is not None or Path(checkpoint).is_file():
+        if name_or_path is None:
+            _clear_checkpoint(config, str(checkpoint), env)
+        else:
             checkpoint = find_checkpoint(str(checkpoint), env)
-        if resolved is not None and resolved.path is not None and not force:
-            ckpt = checkpoint_family(checkpoint)
-            check_family_match(vae_family(resolved.path), ckpt, resolved.path.name, Path(checkpoint).name)
-        key = checkpoint_key(checkpoint)
-        config.checkpoints = {k: v for k, v in config.checkpoints.items() if k != key}
-        if stored is not None:
-            config.checkpoints[key] = stored
+            if resolved is not None and resolved.path is not None and not force:
+                ckpt = checkpoint_family(checkpoint)
+                check_family_match(family, ckpt, resolved.path.name, Path(checkpoint).name)
+            key = checkpoint_key(checkpoint)
+            config.checkpoints = {k: v for k, v in config.checkpoints.items() if k != key}
+            config.checkpoints[key] = str(stored)
     else:
         config.vae = stored
     write_config(config, env)

@@ -59,6 +59,11 @@ class CacheReport:
     shards_written: int = 0
     seconds: float = 0.0
     encode_seconds: float = 0.0
+    # Ray engine only: what crossed into the driver, the encoder actors' CPU time, nodes used, actors lost.
+    received_bytes: int = 0
+    worker_cpu_seconds: float = 0.0
+    nodes: int = 0
+    actors_lost: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -213,6 +218,32 @@ class _ShardWriter:
         self.committed += len(self.pending)
         self.pending.clear()
 
+    def commit(self, written: list[tuple[str, int, int, list[ImageRow], str]]) -> None:
+        """Commit shards workers wrote (Ray engine), ``(name, count, bytes, rows, node)`` each, in one transaction:
+        each is first checked to be in the cache folder with its size."""
+        for name, _, nbytes, _, node in written:
+            path = self.folder / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            if size != nbytes:
+                where = f" on node {node[:12]}" if node else ""
+                raise VaekitError(
+                    f"{path}: a worker{where} wrote this shard but it is {'missing' if size < 0 else 'another size'}"
+                    f" here: the cache folder must be on storage shared by every node; the {self.committed} images "
+                    "committed so far are kept"
+                )
+        try:
+            garbage = self.manifest.commit_shards([w[:4] for w in written])
+        except BaseException:
+            for w in written:  # never committed: not part of the cache
+                (self.folder / w[0]).unlink(missing_ok=True)
+            raise
+        remove_shards(self.folder, garbage)
+        self.shards += len(written)
+        self.committed += sum(w[1] for w in written)
+
 
 def _hash_files(paths: list[Path]) -> dict[Path, str | OSError]:
     def one(p: Path) -> str | OSError:
@@ -307,7 +338,8 @@ def _run(
         raise BadInputError(f"{root}: this cache was built with {'; '.join(problems)}; pass --rebuild to start over")
     elif old != wanted:
         manifest.set_settings({**old, **{k: v for k, v in wanted.items() if k not in BINDING_SETTINGS}})
-    # 2. recovery: files the manifest does not know, shards it knows whose files are gone.
+    # 2. recovery: shards no image uses, files the manifest does not know, shards it knows whose files are gone.
+    remove_shards(folder, manifest.collect_garbage())
     known = manifest.shard_names()
     report.recovered += len(remove_orphans(folder, known))
     missing = {n for n in known if not (folder / n).is_file()}
@@ -388,25 +420,39 @@ def _run(
 
     writer = _ShardWriter(manifest, root, shard_size, rows_for)
     done = 0
+
+    def record_failure(item: Failed) -> None:
+        nonlocal done
+        ps = by_key[item.key]
+        failed_rows = [make_row(p, tasks[item.key].content_sha256, status="failed", error=item.reason) for p in ps]
+        remove_shards(folder, manifest.put_rows(failed_rows))
+        report.failed.extend((str(p), item.reason) for p in ps)
+        done += len(ps)
+
+    def count_encoded(key: int) -> None:
+        nonlocal done
+        done += len(by_key[key])
+        report.encoded += len(by_key[key])
+
     if progress:
         progress(0, total)
     t_enc = time.perf_counter()
-    if tasks:
-        results, report.workers = _engine(engine, vae, tasks, params, settings, workers, address)
+    if tasks and engine == "ray":
+        _run_ray(writer, report, vae, tasks, params, settings, workers, address, rows_for, record_failure,
+                 count_encoded, lambda: progress(done, total) if progress else None)  # fmt: skip
+    elif tasks:
+        from vaekit.cache.engines.local import default_workers, run_local
+
+        report.workers = default_workers(vae, params, settings, len(tasks)) if workers is None else workers
+        results = run_local(vae, tasks, params, settings, report.workers)
         try:
             for item in results:
                 if isinstance(item, Failed):
-                    ps = by_key[item.key]
-                    failed_rows = [make_row(p, tasks[item.key].content_sha256, status="failed", error=item.reason)
-                                   for p in ps]  # fmt: skip
-                    remove_shards(folder, manifest.put_rows(failed_rows))
-                    report.failed.extend((str(p), item.reason) for p in ps)
-                    done += len(ps)
+                    record_failure(item)
                 else:
                     for enc in item:
                         writer.add(enc)
-                        done += len(by_key[enc.key])
-                        report.encoded += len(by_key[enc.key])
+                        count_encoded(enc.key)
                 if progress:
                     progress(done, total)
             writer.flush()
@@ -415,38 +461,78 @@ def _run(
             if not isinstance(e, VaekitError) and writer.pending:
                 with contextlib.suppress(Exception):
                     writer.flush()
-            if isinstance(e, Exception) and not isinstance(e, VaekitError):
-                first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-                raise VaekitError(
-                    f"the {engine} engine failed ({type(e).__name__}: {first}); the {writer.committed} images "
-                    "committed so far are kept; rerun to finish"
-                ) from e
-            raise
+            if (err := _engine_error(e, "local", writer.committed)) is e:
+                raise
+            raise err from e
         finally:
-            close = getattr(results, "close", None)
-            if close:
-                close()
+            results.close()  # type: ignore[attr-defined]
     report.shards_written = writer.shards
     report.encode_seconds = time.perf_counter() - t_enc
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _engine(
-    engine: str,
+def _engine_error(e: BaseException, engine: str, committed: int) -> BaseException:
+    """An engine's unexpected exception as one line saying what is kept; errors of ours and interrupts as they are."""
+    if isinstance(e, Exception) and not isinstance(e, VaekitError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+        return VaekitError(
+            f"the {engine} engine failed ({type(e).__name__}: {first}); the {committed} images "
+            "committed so far are kept; rerun to finish"
+        )
+    return e
+
+
+def _run_ray(
+    writer: _ShardWriter,
+    report: CacheReport,
     vae: VAE,
     tasks: list[Task],
     params: Preprocess,
     settings: EncodeSettings,
     workers: int | None,
     address: str | None,
-) -> tuple[Iterator[list[Encoded] | Failed], int]:
-    if engine == "ray":
-        from vaekit.cache.engines.ray import import_ray, run_ray
+    rows_for: Callable[[Encoded, str, int], list[ImageRow]],
+    record_failure: Callable[[Failed], None],
+    count_encoded: Callable[[int], None],
+    tick: Callable[[], None],
+) -> None:
+    """The Ray engine's side of a run: workers write shards, this process commits their records one by one."""
+    from vaekit.cache.engines.ray import RayStats, import_ray, run_ray
 
-        import_ray()
-        return run_ray(vae, tasks, params, settings, workers, address), workers or 0
-    from vaekit.cache.engines.local import default_workers, run_local
-
-    n = default_workers(vae, params, settings, len(tasks)) if workers is None else workers
-    return run_local(vae, tasks, params, settings, n), n
+    import_ray()
+    stats = RayStats()
+    results = run_ray(vae, tasks, params, settings, writer.cache_dir, writer.run_id, writer.shard_size, workers,
+                      address, stats=stats)  # fmt: skip
+    try:
+        for batch in results:  # the records that arrived together: one manifest transaction for all their shards
+            written = []
+            for rec in batch:
+                for key, reason in rec.failed:
+                    record_failure(Failed(key, reason))
+                if rec.name is not None:
+                    rows = [row for i, entry in enumerate(rec.entries)
+                            for row in rows_for(Encoded(entry[0], rec.geometry(i), {}), rec.name, i)]  # fmt: skip
+                    written.append((rec.name, len(rec.entries), rec.nbytes, rows, rec.node))
+            if written:
+                writer.commit(written)
+            for rec in batch:
+                for entry in rec.entries:
+                    count_encoded(entry[0])
+            tick()
+    except OSError as e:
+        raise _write_error(e, writer.cache_dir, writer.committed) from None
+    except BaseException as e:
+        if (err := _engine_error(e, "ray", writer.committed)) is e:
+            raise
+        raise err from e
+    finally:
+        results.close()  # stops the actors before the sweep below
+        # Shards of lost or interrupted chunks (renamed into place, never committed) and temporary files.
+        with contextlib.suppress(OSError):
+            report.recovered += len(remove_orphans(writer.folder, writer.manifest.shard_names()))
+        report.workers = stats.actors
+        report.received_bytes = stats.received_bytes
+        report.worker_cpu_seconds = stats.worker_cpu_seconds
+        report.nodes = len(stats.nodes)
+        report.actors_lost = stats.actors_lost

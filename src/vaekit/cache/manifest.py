@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import operator
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -92,6 +93,7 @@ class ImageRow:
 
 
 _COLUMNS = tuple(f.name for f in fields(ImageRow))
+_values = operator.attrgetter(*_COLUMNS)  # an ImageRow as the tuple of its columns (commits do this per row)
 
 
 def _row(values: sqlite3.Row) -> ImageRow:
@@ -201,25 +203,53 @@ class Manifest:
         placeholders = ", ".join("?" for _ in _COLUMNS)
         c.executemany(
             f"INSERT OR REPLACE INTO images ({', '.join(_COLUMNS)}) VALUES ({placeholders})",
-            [tuple(getattr(r, k) for k in _COLUMNS) for r in rows],
+            [_values(r) for r in rows],
         )
 
-    def _collect_garbage(self, c: sqlite3.Connection) -> list[str]:
-        """Delete shard rows no image points into any more; returns their names (files to delete)."""
-        used = "SELECT shard FROM images WHERE shard IS NOT NULL"
-        names = [r[0] for r in c.execute(f"SELECT name FROM shards WHERE name NOT IN ({used})")]
+    def _shards_of(self, c: sqlite3.Connection, paths: list[str]) -> set[str]:
+        """Shards the rows of ``paths`` point into now: the only ones a change of those rows can leave unused."""
+        found: set[str] = set()
+        for i in range(0, len(paths), 500):
+            part = paths[i : i + 500]
+            marks = ", ".join("?" for _ in part)
+            sql = f"SELECT DISTINCT shard FROM images WHERE shard IS NOT NULL AND path IN ({marks})"
+            found.update(r[0] for r in c.execute(sql, part))
+        return found
+
+    def _collect_garbage(self, c: sqlite3.Connection, candidates: set[str] | None = None) -> list[str]:
+        """Delete shard rows no image points into any more, among ``candidates`` (an index lookup each) or, with
+        None, all of them (a scan of every row); returns their names (files to delete)."""
+        if candidates is None:
+            used = "SELECT shard FROM images WHERE shard IS NOT NULL"
+            names = [r[0] for r in c.execute(f"SELECT name FROM shards WHERE name NOT IN ({used})")]
+        else:
+            unused = "SELECT 1 FROM images WHERE shard = ? LIMIT 1"
+            names = [n for n in sorted(candidates) if c.execute(unused, (n,)).fetchone() is None]
         c.executemany("DELETE FROM shards WHERE name = ?", [(n,) for n in names])
         return names
 
+    def collect_garbage(self) -> list[str]:
+        """Forget every shard no image points into (a full scan; commits check only the shards they touch)."""
+        with self.transaction() as c:
+            return self._collect_garbage(c)
+
     def commit_shard(self, name: str, count: int, nbytes: int, rows: list[ImageRow]) -> list[str]:
         """Register a fully written shard and its image rows at once; returns shards left unreferenced."""
+        return self.commit_shards([(name, count, nbytes, rows)])
+
+    def commit_shards(self, shards: list[tuple[str, int, int, list[ImageRow]]]) -> list[str]:
+        """Register several fully written shards ``(name, count, bytes, rows)`` and their rows in one transaction
+        (one fsync for all); returns shards left unreferenced."""
         now = time.time()
-        for r in rows:
-            r.updated = now
         with self.transaction() as c:
-            c.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, count, nbytes, now))
-            self._upsert(c, rows)
-            return self._collect_garbage(c)
+            touched: set[str] = set()
+            for name, count, nbytes, rows in shards:
+                for r in rows:
+                    r.updated = now
+                c.execute("INSERT INTO shards VALUES (?, ?, ?, ?)", (name, count, nbytes, now))
+                touched |= self._shards_of(c, [r.path for r in rows])
+                self._upsert(c, rows)
+            return self._collect_garbage(c, touched)
 
     def put_rows(self, rows: list[ImageRow]) -> list[str]:
         """Insert or replace rows that need no new shard (failures, reused latents, refreshed file stats)."""
@@ -229,14 +259,16 @@ class Manifest:
         for r in rows:
             r.updated = now
         with self.transaction() as c:
+            touched = self._shards_of(c, [r.path for r in rows])
             self._upsert(c, rows)
-            return self._collect_garbage(c)
+            return self._collect_garbage(c, touched)
 
     def remove(self, paths: list[str]) -> list[str]:
         """Delete the rows of ``paths``; returns shards left unreferenced."""
         with self.transaction() as c:
+            touched = self._shards_of(c, paths)
             c.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in paths])
-            return self._collect_garbage(c)
+            return self._collect_garbage(c, touched)
 
     def drop_shards(self, names: set[str]) -> int:
         """Forget shards (e.g. whose files vanished) and the rows in them; returns the number of rows dropped."""

@@ -13,7 +13,7 @@ from vaekit import families, models
 from vaekit.errors import BadInputError
 from vaekit.formats.convert import ldm_to_diffusers
 from vaekit.formats.detect import METADATA_CONFIG_KEY
-from vaekit.formats.io import write_json, write_safetensors
+from vaekit.formats.io import atomic_dir, write_json, write_safetensors
 from vaekit.models.config import VAEConfig
 
 
@@ -96,13 +96,15 @@ def write_vae(
     if layout == "ldm":
         write_safetensors(state_dict, dest, meta)
     elif layout == "diffusers":
-        dest.mkdir(parents=True, exist_ok=True)
         if cfg.kind in models.FOREIGN:
             renamed = models.FOREIGN[cfg.kind].to_diffusers(state_dict)
         else:
             renamed = ldm_to_diffusers(state_dict, cfg.kind)
-        write_safetensors(renamed, dest / "diffusion_pytorch_model.safetensors", meta)
-        write_json(diffusers_config(cfg), dest / "config.json")
+        config = diffusers_config(cfg)  # may refuse (no diffusers class): before anything is written
+        # Built in a temporary folder and renamed: a failure leaves no partial folder to trip the next run.
+        with atomic_dir(dest, overwrite=overwrite) as tmp:
+            write_safetensors(renamed, tmp / "diffusion_pytorch_model.safetensors", meta)
+            write_json(config, tmp / "config.json")
     else:
         raise BadInputError(f"unknown layout {layout!r}: use 'ldm' or 'diffusers'")
     return dest

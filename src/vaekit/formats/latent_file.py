@@ -81,6 +81,7 @@ class LatentFile:
     sampled: bool
     extra: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
+    alphas: list[torch.Tensor | None] = field(default_factory=list)  # (1, H, W) per item, from RGBA images
 
     def raw(self) -> torch.Tensor:
         """The latents turned back into the VAE's raw latent (what its decoder network takes)."""
@@ -144,8 +145,12 @@ def save_latents(
     overwrite: bool = False,
     extra: dict[str, str] | None = None,
     sampled: bool = False,
+    alphas: list[torch.Tensor | None] | None = None,
 ) -> Path:
-    """Write latents (and optionally the raw posterior mean/logvar) with their metadata, atomically."""
+    """Write latents (and optionally the raw posterior mean/logvar) with their metadata, atomically.
+
+    ``alphas``: each image's alpha channel (1, H, W), kept aside at encode and restored at decode.
+    """
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         raise BadInputError(f"{path}: latent files are .safetensors")
@@ -171,6 +176,11 @@ def save_latents(
     pads = _per_item(padding, n, 4, "padding")
     if extra is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in extra.items()):
         raise BadInputError("extra metadata must map strings to strings")
+    if alphas:
+        from vaekit.formats.image_meta import ALPHA_PREFIX, pack_alpha
+
+        bits = int((extra or {}).get("image_bits", "8"))
+        tensors.update({f"{ALPHA_PREFIX}{i}": pack_alpha(a, bits) for i, a in enumerate(alphas) if a is not None})
     sha = vae_sha256(vae)
     info = {
         "vae_sha256": sha,
@@ -208,6 +218,7 @@ def load_latents(path: PathLike) -> LatentFile:
             if "latents" not in keys:
                 raise _not_ours(path, "no 'latents' tensor")
             tensors = {k: f.get_tensor(k) for k in ("latents", "mean", "logvar") if k in keys}
+            packed = {k: f.get_tensor(k) for k in keys if k.startswith("alpha_png.")}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
         raise _not_ours(path, f"unreadable safetensors: {first}") from None
@@ -217,6 +228,8 @@ def load_latents(path: PathLike) -> LatentFile:
         raise _not_ours(path, f"bad version {meta.get('version')!r}") from None
     if version > FORMAT_VERSION:
         raise BadInputError(f"{path}: latent file version {version} is newer than this vaekit reads; upgrade vaekit")
+    if tensors["latents"].is_floating_point() and not bool(torch.isfinite(tensors["latents"]).all()):
+        raise BadInputError(f"{path}: the latents hold NaN or infinite values; re-encode the image")
     try:
         info = json.loads(meta[METADATA_KEY])
         lat = tensors["latents"]
@@ -236,6 +249,11 @@ def load_latents(path: PathLike) -> LatentFile:
             for name in ("mean", "logvar"):
                 if name in tensors and tuple(tensors[name].shape) != (n, *raw_shape):
                     raise ValueError(f"{name} shape {tuple(tensors[name].shape)} does not fit the latents'")
+        from vaekit.formats.image_meta import unpack_alpha
+
+        alphas = [
+            unpack_alpha(packed[f"alpha_png.{i}"], str(path)) if f"alpha_png.{i}" in packed else None for i in range(n)
+        ]
         return LatentFile(
             latents=lat,
             mean=tensors.get("mean"),
@@ -252,6 +270,7 @@ def load_latents(path: PathLike) -> LatentFile:
             sampled=bool(info.get("sampled", False)),
             extra={str(k): str(v) for k, v in dict(info.get("extra", {})).items()},
             path=path,
+            alphas=alphas,
         )
     except BadInputError as e:
         raise _not_ours(path, str(e)) from None

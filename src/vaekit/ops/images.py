@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +15,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vaekit.errors import BadInputError
-from vaekit.formats.io import atomic_path
 
 PathLike = str | os.PathLike[str]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -33,6 +34,7 @@ class LoadedImage:
     alpha: torch.Tensor | None = None  # (1, H, W) in [0, 1]
     path: Path | None = None
     bits: int = 8
+    grey: bool = False  # a greyscale file (its three channels are equal)
 
     @property
     def size(self) -> tuple[int, int]:
@@ -53,8 +55,15 @@ def load_image(path: PathLike) -> LoadedImage:
         raise BadInputError(f"{path}: no such file") from None
     except Image.DecompressionBombError:
         raise BadInputError(f"{path}: refused: more than {MAX_PIXELS} pixels (decompression bomb?)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadInputError(f"{path}: not a readable image ({str(e).splitlines()[0][:120]})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as e:
+        raise BadInputError(f"{path}: not a readable image ({_first_line(e)})") from None
+    except (zlib.error, struct.error, MemoryError, OverflowError) as e:  # damaged compressed data or sizes
+        raise BadInputError(f"{path}: not a readable image (damaged: {_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return (lines[0] if lines else type(e).__name__)[:120]
 
 
 def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
@@ -62,6 +71,7 @@ def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
         raise BadInputError(f"{path}: zero-size image")
     bits = 8
     alpha = None
+    grey = im.mode in ("1", "L", "LA", "La", "I;16", "I;16B", "I;16L", "I", "F")
     if im.mode in ("I;16", "I;16B", "I;16L", "I"):
         # 16-bit greyscale (PNG, TIFF): Pillow's "I" mode holds the same 0..65535 values in 32-bit integers.
         arr = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
@@ -77,7 +87,7 @@ def _from_pil(im: Image.Image, path: Path | None) -> LoadedImage:
             im = rgba
         rgb = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
     tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).contiguous()
-    return LoadedImage(tensor, alpha, path, bits)
+    return LoadedImage(tensor, alpha, path, bits, grey)
 
 
 # EXIF orientation -> the numpy operation that shows the image upright (what ImageOps.exif_transpose does).
@@ -105,18 +115,22 @@ def _png16(path: Path) -> LoadedImage:
             raise BadInputError(f"{path}: zero-size image")
         planes = int(info["planes"])
         arr = np.vstack([np.asarray(row, dtype=np.uint16) for row in rows]).reshape(height, width, planes)
-    except (png.Error, OSError, ValueError, EOFError) as e:
-        raise BadInputError(f"{path}: not a readable PNG ({str(e).splitlines()[0][:120]})") from None
-    with Image.open(path) as im:  # Pillow reads the EXIF orientation without decoding pixels
-        orientation = im.getexif().get(0x0112, 1)
+    except (png.Error, OSError, ValueError, EOFError, zlib.error, struct.error, MemoryError, IndexError) as e:
+        raise BadInputError(f"{path}: not a readable PNG ({_first_line(e)})") from None
+    try:
+        with Image.open(path) as im:  # Pillow reads the EXIF orientation without decoding pixels
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, ValueError, SyntaxError, struct.error, zlib.error):
+        orientation = 1  # pixels pypng could read, EXIF Pillow could not: shown as stored
     arr = _ORIENT.get(int(orientation), lambda a: a)(arr)
     scaled = arr.astype(np.float32) / float((1 << int(info["bitdepth"])) - 1)
     colour = scaled[..., : planes - 1] if info["alpha"] else scaled
-    if colour.shape[2] == 1:
+    grey = colour.shape[2] == 1
+    if grey:
         colour = np.repeat(colour, 3, axis=2)
     rgb = torch.from_numpy(np.ascontiguousarray(colour)).permute(2, 0, 1).contiguous()
     alpha = torch.from_numpy(np.ascontiguousarray(scaled[..., -1])).unsqueeze(0) if info["alpha"] else None
-    return LoadedImage(rgb, alpha, path, int(info["bitdepth"]))
+    return LoadedImage(rgb, alpha, path, int(info["bitdepth"]), grey)
 
 
 def _is_png16_colour(path: Path) -> bool:
@@ -150,20 +164,74 @@ def to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
 
 
 def save_image(
-    rgb: torch.Tensor, path: PathLike, alpha: torch.Tensor | None = None, quality: int = 95, overwrite: bool = True
+    rgb: torch.Tensor,
+    path: PathLike,
+    alpha: torch.Tensor | None = None,
+    quality: int = 95,
+    overwrite: bool = True,
+    bits: int = 8,
+    grey: bool = False,
+    text: dict[str, str] | None = None,
 ) -> Path:
-    """Write (3, H, W) in [0, 1] as PNG/JPEG/WebP by suffix, atomically; alpha is kept where the format can."""
+    """Write (3, H, W) in [0, 1] as PNG/JPEG/WebP by suffix, atomically; alpha is kept where the format can.
+
+    PNG only: ``bits=16`` writes 16 bits per channel, ``grey=True`` one grey channel (the mean of the three, as
+    a greyscale input comes back), ``text`` adds ``tEXt`` chunks (e.g. A1111's ``parameters``).
+    """
+    import io
+
     path = Path(path)
     fmt = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower())
     if fmt is None:
         raise BadInputError(f"{path}: unsupported output format (use .png, .jpg or .webp)")
     if path.exists() and not overwrite:
         raise BadInputError(f"{path}: already exists (use --overwrite)")
-    im = to_pil(rgb, alpha if fmt != "JPEG" else None)
-    with atomic_path(path) as tmp:
+    buf = io.BytesIO()
+    if fmt == "PNG" and (bits > 8 or grey):
+        _write_png(buf, rgb, alpha, 16 if bits > 8 else 8, grey)
+    else:
+        im = to_pil(rgb, alpha if fmt != "JPEG" else None)
         kwargs = {"quality": quality} if fmt in ("JPEG", "WEBP") else {}
-        im.save(tmp, format=fmt, **kwargs)
+        im.save(buf, format=fmt, **kwargs)
+    data = buf.getvalue()
+    if fmt == "PNG" and text:
+        data = _png_with_text(data, text)
+    from vaekit.formats.io import write_bytes
+
+    write_bytes(data, path)
     return path
+
+
+def _write_png(buf: object, rgb: torch.Tensor, alpha: torch.Tensor | None, bits: int, grey: bool) -> None:
+    """PNG through pypng: 8 or 16 bits, RGB or grey, with or without alpha."""
+    import png
+
+    top = (1 << bits) - 1
+    planes = rgb.detach().float().clamp(0, 1).cpu()
+    if grey:
+        planes = planes.mean(0, keepdim=True)
+    if alpha is not None:
+        a = alpha.detach().float().clamp(0, 1).cpu()
+        if a.shape[-2:] != planes.shape[-2:]:
+            a = F.interpolate(a.unsqueeze(0), size=planes.shape[-2:], mode="bilinear", align_corners=False)[0]
+        planes = torch.cat([planes, a], 0)
+    arr = (planes * top).round().to(torch.int32).permute(1, 2, 0).numpy().astype(np.uint16 if bits > 8 else np.uint8)
+    h, w, c = arr.shape
+    writer = png.Writer(w, h, greyscale=grey, alpha=alpha is not None, bitdepth=bits)
+    writer.write(buf, arr.reshape(h, w * c))
+
+
+def _png_with_text(data: bytes, text: dict[str, str]) -> bytes:
+    """Insert ``tEXt`` chunks right after a PNG's IHDR chunk (Latin-1, as the PNG standard wants)."""
+    import struct
+    import zlib
+
+    end_of_ihdr = 8 + 8 + struct.unpack(">I", data[8:12])[0] + 4
+    chunks = b""
+    for key, value in text.items():
+        body = key.encode("latin-1", "replace")[:79] + b"\0" + value.encode("latin-1", "replace")
+        chunks += struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    return data[:end_of_ihdr] + chunks + data[end_of_ihdr:]
 
 
 def pad_to_multiple(images: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, int, int, int]]:

@@ -1,22 +1,35 @@
-"""The Ray engine: Ray Data reads, decodes and preprocesses on CPU workers and encodes in an actor pool.
+"""The Ray engine: encoder actors on every node read, encode and write whole shards; the driver only commits.
 
-Each actor holds one copy of the model, built from weights put once in Ray's object store (so the VAE file need
-not exist on the workers), and encodes with the same deterministic settings as the local engine. With GPUs in the
-cluster there is one actor per GPU, fed by decode tasks on the CPUs; on CPU-only clusters the actors take one CPU
-slot per ``threads`` cores and decode their own images (the encoder is ~50x slower than decoding there, and a
-separate decode stage would take CPU slots from the encoders). The driver streams results back and writes shards,
-so only the driver needs the cache folder; the images must be readable at the same paths on every node.
+The driver splits the images into chunks of up to ``--shard-size`` and hands them to a pool of encoder actors
+(one per GPU, or one per ``threads`` CPUs on CPU-only clusters), two chunks in flight per actor. An actor reads
+and preprocesses its chunk (itself, or on GPU clusters in decode tasks on its own node), encodes it in groups of
+exactly ``batch_size`` with the same deterministic settings as the local engine, writes the shard into the shared
+cache folder (temporary file, fsync, rename: :func:`vaekit.cache.shards.write_shard`) and returns a
+:class:`ShardRecord`: the shard's name and size, and per image its key and geometry (9 integers), or its failure
+reason. The driver checks the file is there and commits the record to the manifest. No latent and no pixel
+travels through the driver: it receives about a hundred bytes per image (measured by ``benchmarks/bench_cache.py``).
+
+Faults: an actor that dies (its node lost, its process killed) is dropped and its chunks go back to the queue for
+the surviving actors; a shard it had already renamed into place is never committed and is removed at the end of
+the run (and by the next run's recovery). When no actor is left the run stops with one line; a rerun finishes it.
+Plain Ray actors rather than Ray Data: a chunk is a shard, and what happens when a worker is lost is decided here
+(requeue, or stop) instead of by retries that wait for resources a lost node no longer offers.
+
+Requirements: the cache folder and the images at the same paths on every node (shared storage), vaekit installed
+on every node. The weights are put once in Ray's object store, so the VAE file need not exist on the workers.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import time
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
-
-import numpy as np
-import torch
 
 from vaekit.cache.encoding import (
     Encoded,
@@ -31,74 +44,55 @@ from vaekit.cache.encoding import (
     prepare,
 )
 from vaekit.cache.preprocess import Geometry, Preprocess
-from vaekit.cache.shards import TENSOR_NAMES
+from vaekit.cache.shards import new_shard_name, shard_dir, write_shard
 from vaekit.errors import BadInputError, VaekitError
 from vaekit.models import build
-from vaekit.ops.precision import DTYPES
 from vaekit.vae import VAE, VAEOrigin
 
-_GEOMETRY = ("original_w", "original_h", "resized_w", "resized_h", "left", "top", "right", "bottom")
+# Test hook: seconds an actor waits before writing each shard, so a test can kill a node or the driver while
+# chunks are in flight. Read by the driver and passed to the actors.
+DELAY_ENV = "VAEKIT_CACHE_SHARD_DELAY"
+IN_FLIGHT = 2  # chunks queued per actor: the next one is ready when the current one is written
 
 
 def import_ray() -> Any:
     """The ``ray`` module, or a clear error saying how to install it."""
     try:
         import ray
-        import ray.data  # noqa: F401
     except ImportError:
-        raise BadInputError("--engine ray needs Ray: pip install 'vaekit[ray]' (or: pip install 'ray[data]')") from None
+        raise BadInputError("--engine ray needs Ray: pip install 'vaekit[ray]' (or: pip install 'ray')") from None
     return ray
 
 
-# --- tensors as bytes: Arrow columns take bytes of any length, whatever the shape and dtype ----------------------
-def _to_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+@dataclass(frozen=True)
+class ShardRecord:
+    """What an encoder actor reports for one chunk: the shard it wrote (None when every image failed) and, per
+    image in shard order, ``(key, original_w, original_h, resized_w, resized_h, left, top, right, bottom)``."""
+
+    name: str | None
+    nbytes: int
+    entries: tuple[tuple[int, ...], ...]
+    failed: tuple[tuple[int, str], ...] = ()
+    cpu_seconds: float = 0.0  # CPU time the actor's process spent on the chunk
+    node: str = ""  # the node that wrote it (for error messages)
+
+    def geometry(self, i: int) -> Geometry:
+        """The geometry of entry ``i``."""
+        v = self.entries[i]
+        return Geometry(v[1], v[2], v[3], v[4], (v[5], v[6], v[7], v[8]))
 
 
-def _from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape).clone()
+@dataclass
+class RayStats:
+    """What the driver measured: bytes of the records it received, the actors' CPU time, actors lost."""
 
-
-def _geometry_columns(rows: list[Geometry | None]) -> dict[str, np.ndarray]:
-    values = [(g.original_w, g.original_h, g.resized_w, g.resized_h, *g.crop_box) if g else (0,) * 8 for g in rows]
-    return {name: np.array([v[i] for v in values], dtype=np.int64) for i, name in enumerate(_GEOMETRY)}
-
-
-def _geometry(batch: dict[str, np.ndarray], i: int) -> Geometry:
-    v = [int(batch[name][i]) for name in _GEOMETRY]
-    return Geometry(v[0], v[1], v[2], v[3], (v[4], v[5], v[6], v[7]))
-
-
-def _tasks(batch: dict[str, np.ndarray]) -> list[Task]:
-    return [Task(int(k), str(p), str(s)) for k, p, s in zip(batch["key"], batch["path"], batch["sha"], strict=True)]
-
-
-def _result_columns(results: list[Encoded | Failed]) -> dict[str, np.ndarray]:
-    """Encoded/failed images -> one row each: key, error, geometry, latent shape and each tensor as bytes."""
-    enc = [r if isinstance(r, Encoded) else None for r in results]
-    cols: dict[str, np.ndarray] = {
-        "key": np.array([r.key for r in results], dtype=np.int64),
-        "error": np.array([r.reason if isinstance(r, Failed) else "" for r in results], dtype=object),
-        **_geometry_columns([e.geometry if e else None for e in enc]),
-    }
-    shapes = [tuple(e.tensors["mean"].shape) if e else (0, 0, 0) for e in enc]
-    for j, axis in enumerate(("c", "h", "w")):
-        cols[axis] = np.array([s[j] for s in shapes], dtype=np.int64)
-    for name in TENSOR_NAMES:
-        data = [_to_bytes(e.tensors[name]) if e and name in e.tensors else b"" for e in enc]
-        cols[name] = np.array(data, dtype=object)
-    return cols
-
-
-def _results(batch: dict[str, np.ndarray], store: torch.dtype) -> Iterator[list[Encoded] | Failed]:
-    for i in range(len(batch["key"])):
-        key = int(batch["key"][i])
-        if batch["error"][i]:
-            yield Failed(key, str(batch["error"][i]))
-            continue
-        shape = (int(batch["c"][i]), int(batch["h"][i]), int(batch["w"][i]))
-        tensors = {n: _from_bytes(batch[n][i], store, shape) for n in TENSOR_NAMES if len(batch[n][i])}
-        yield [Encoded(key, _geometry(batch, i), tensors)]
+    received_bytes: int = 0
+    sent_bytes: int = 0
+    worker_cpu_seconds: float = 0.0
+    actors: int = 0
+    actors_lost: int = 0
+    chunks: int = 0
+    nodes: set[str] = field(default_factory=set)
 
 
 # --- the model inside an actor -----------------------------------------------------------------------------------
@@ -116,61 +110,106 @@ def _rebuild(spec: Any, device: str) -> VAE:
     return VAE(model, spec["config"], VAEOrigin(name=spec["name"])).to(device)
 
 
-class _PrepareEncode:
-    """CPU actor: decodes, preprocesses and encodes its rows (one CPU slot per ``threads`` cores)."""
-
-    def __init__(self, spec: Any, params: dict[str, Any], settings: dict[str, Any]) -> None:
-        self.vae = _rebuild(spec, "cpu")
-        self.params = Preprocess.from_dict(params)
-        self.settings = EncodeSettings(**settings)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results: list[Encoded | Failed] = []
-        for item in encode_tasks(self.vae, _tasks(batch), self.params, self.settings):
-            results.extend([item] if isinstance(item, Failed) else item)
-        return _result_columns(results)
-
-
-def _prepare_rows(batch: dict[str, np.ndarray], params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """CPU task: decode and preprocess rows into encoder inputs (float32 bytes) or errors."""
+def _prepare_many(tasks: list[Task], params: dict[str, Any]) -> list[Prepared | Failed]:
+    """Decode task (GPU layout): read and preprocess images into encoder inputs."""
     prep = Preprocess.from_dict(params)
-    items = [prepare(t, prep) for t in _tasks(batch)]
-    ok = [i if isinstance(i, Prepared) else None for i in items]
-    return {
-        "key": np.array([i.key for i in items], dtype=np.int64),
-        "error": np.array([i.reason if isinstance(i, Failed) else "" for i in items], dtype=object),
-        "ph": np.array([p.pixels.shape[1] if p else 0 for p in ok], dtype=np.int64),
-        "pw": np.array([p.pixels.shape[2] if p else 0 for p in ok], dtype=np.int64),
-        "pixels": np.array([_to_bytes(p.pixels) if p else b"" for p in ok], dtype=object),
-        **_geometry_columns([p.geometry if p else None for p in ok]),
-    }
+    return [prepare(t, prep) for t in tasks]
 
 
-class _Encode:
-    """Accelerator actor: encodes prepared rows in same-shape groups of ``batch_size``."""
+class _ShardEncoder:
+    """Encoder actor: turns a chunk of tasks into one shard file in the cache folder and a small record."""
 
-    def __init__(self, spec: Any, settings: dict[str, Any], device: str) -> None:
+    def __init__(
+        self,
+        spec: Any,
+        params: dict[str, Any],
+        settings: dict[str, Any],
+        device: str,
+        cache_dir: str,
+        separate_decode: bool,
+        delay: float,
+    ) -> None:
+        import ray
+
         self.vae = _rebuild(spec, device)
+        self.params = Preprocess.from_dict(params)
+        self.params_dict = params
         self.settings = EncodeSettings(**settings)
+        self.folder = shard_dir(Path(cache_dir))
+        self.separate = separate_decode
+        self.delay = delay
+        self.node = ray.get_runtime_context().get_node_id()
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        results: list[Encoded | Failed] = []
+    def ready(self) -> str:
+        """The node this actor runs on (answered once the model is built)."""
+        return self.node
+
+    def _decoded(self, tasks: list[Task]) -> Iterator[Prepared | Failed]:
+        """Decode tasks, a few images each, all submitted at once and read in order. Ray's default scheduling puts
+        them on this actor's node while it has free CPUs (the pixels then stay in its object store), else spills."""
+        import ray
+
+        step = max(2, self.settings.batch_size)
+        remote = ray.remote(_prepare_many).options(num_cpus=1)
+        refs = [remote.remote(tasks[i : i + step], self.params_dict) for i in range(0, len(tasks), step)]
+        for ref in refs:
+            yield from ray.get(ref)
+
+    def _encode(self, tasks: list[Task]) -> Iterator[Encoded | Failed]:
+        if not self.separate:
+            for item in encode_tasks(self.vae, tasks, self.params, self.settings):
+                yield from [item] if isinstance(item, Failed) else item
+            return
         grouper = Grouper(self.settings.batch_size)
         groups: list[list[Prepared]] = []
-        for i in range(len(batch["key"])):
-            key = int(batch["key"][i])
-            if batch["error"][i]:
-                results.append(Failed(key, str(batch["error"][i])))
-                continue
-            pixels = _from_bytes(batch["pixels"][i], torch.float32, (3, int(batch["ph"][i]), int(batch["pw"][i])))
-            if (group := grouper.add(Prepared(key, pixels, _geometry(batch, i)))) is not None:
+        for item in self._decoded(tasks):
+            if isinstance(item, Failed):
+                yield item
+            elif (group := grouper.add(item)) is not None:
                 groups.append(group)
         groups.extend(grouper.flush())
         with deterministic(self.vae.device, self.settings.threads):
             for group in groups:
                 for out in encode_or_fail(self.vae, group, self.settings):
-                    results.extend([out] if isinstance(out, Failed) else out)
-        return _result_columns(results)
+                    yield from [out] if isinstance(out, Failed) else out
+
+    def encode_shard(self, tasks: list[Task], name: str) -> ShardRecord:
+        """Encode ``tasks``, write the encoded ones as shard ``name``, and report what is in it."""
+        cpu = time.process_time()
+        encoded: list[Encoded] = []
+        failed: list[tuple[int, str]] = []
+        for item in self._encode(tasks):
+            if isinstance(item, Failed):
+                failed.append((item.key, item.reason))
+            else:
+                encoded.append(item)
+        if self.delay > 0:
+            time.sleep(self.delay)
+        nbytes = write_shard(self.folder, name, [e.tensors for e in encoded]) if encoded else 0
+        entries = tuple(
+            (e.key, e.geometry.original_w, e.geometry.original_h, e.geometry.resized_w, e.geometry.resized_h,
+             *e.geometry.crop_box)
+            for e in encoded
+        )  # fmt: skip
+        return ShardRecord(
+            name if encoded else None, nbytes, entries, tuple(failed), time.process_time() - cpu, self.node
+        )
+
+
+# --- the driver --------------------------------------------------------------------------------------------------
+def chunk_size(n_tasks: int, actors: int, shard_size: int, batch_size: int) -> int:
+    """Images per chunk (= per shard): ``shard_size`` on long runs; on short ones small enough that every actor gets
+    at least four chunks (a multiple of ``batch_size``, so no group is padded needlessly)."""
+    even = -(-n_tasks // (actors * 4))
+    even = -(-even // batch_size) * batch_size
+    return max(1, min(shard_size, even))
+
+
+def _connect(ray: Any, address: str | None) -> bool:
+    if ray.is_initialized():
+        return False
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    return True
 
 
 def run_ray(
@@ -178,65 +217,133 @@ def run_ray(
     tasks: list[Task],
     params: Preprocess,
     settings: EncodeSettings,
+    cache_dir: Path,
+    run_id: str,
+    shard_size: int,
     workers: int | None = None,
     address: str | None = None,
     separate_decode: bool | None = None,
-) -> Iterator[list[Encoded] | Failed]:
-    """Encode ``tasks`` on a Ray cluster (``address``) or a local Ray instance; yields results as they arrive.
+    stats: RayStats | None = None,
+) -> Iterator[list[ShardRecord]]:
+    """Encode ``tasks`` on a Ray cluster (``address``) or a local Ray instance into shards ``{run_id}-*`` under
+    ``cache_dir``; yields the records of the chunks that finished since the last yield (one per chunk), to be
+    committed before the next.
 
     ``workers`` is the number of encoder actors (default: one per GPU, else one per ``threads`` CPUs).
-    ``separate_decode`` forces decoding in separate CPU tasks (the default on GPUs) or inside the actors.
+    ``separate_decode`` decodes in separate CPU tasks on the actor's node (the default on GPUs).
     """
     if not tasks:
         return
     ray = import_ray()
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    from ray.exceptions import RayActorError, RayTaskError
+
+    stats = stats if stats is not None else RayStats()
+    started = _connect(ray, address)
+    actors: dict[Any, Any] = {}  # ready-ref or actor -> handle, see below
     try:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.enable_operator_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         resources = ray.cluster_resources()
         cpus, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
         use_gpu = vae.device.type == "cuda"
         if use_gpu and gpus == 0:
             raise VaekitError("the VAE is on a GPU but the Ray cluster has none; load it on the CPU (--device cpu)")
+        biggest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        if not use_gpu and biggest < settings.threads:
+            raise VaekitError(
+                f"--threads {settings.threads} needs nodes with {settings.threads} CPUs; the largest node of the Ray "
+                f"cluster has {biggest:g}"
+            )
         separate = use_gpu if separate_decode is None else separate_decode
         slots = gpus if use_gpu else max(1, cpus // settings.threads - (1 if separate else 0))
-        actors = max(1, min(workers or slots, len(tasks)))
+        n_actors = max(1, min(workers or slots, len(tasks)))
+        size = chunk_size(len(tasks), n_actors, shard_size, settings.batch_size)
+        queue: deque[list[Task]] = deque(tasks[i : i + size] for i in range(0, len(tasks), size))
         spec = ray.put(_model_spec(vae))
-        settings_dict = asdict(settings)
-        # Rows per actor call: one group while that keeps the actors evenly loaded (a few calls each would leave
-        # one actor idle at the end), up to 4 groups for long runs where per-call overhead starts to count.
-        b = settings.batch_size
-        per_call = b * max(1, min(4, len(tasks) // (actors * b * 16)))
-        pool = ray.data.ActorPoolStrategy(size=actors)
-        rows = [{"key": t.key, "path": t.path, "sha": t.content_sha256} for t in tasks]
-        ds = ray.data.from_items(rows, override_num_blocks=-(-len(rows) // per_call))
-        if separate:
-            ds = ds.map_batches(
-                _prepare_rows, fn_kwargs={"params": params.to_dict()}, batch_size=per_call, num_cpus=1
-            ).map_batches(
-                _Encode,
-                fn_constructor_kwargs={"spec": spec, "settings": settings_dict, "device": str(vae.device)},
-                batch_size=per_call,
-                compute=pool,
-                num_gpus=1 if use_gpu else 0,
-                num_cpus=1 if use_gpu else settings.threads,
-            )
-        else:
-            ds = ds.map_batches(
-                _PrepareEncode,
-                fn_constructor_kwargs={"spec": spec, "params": params.to_dict(), "settings": settings_dict},
-                batch_size=per_call,
-                compute=pool,
-                num_cpus=settings.threads,
-            )
-        store = DTYPES[settings.store_dtype]
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1):
-            yield from _results(batch, store)
+        delay = float(os.environ.get(DELAY_ENV) or 0)
+        cls = ray.remote(_ShardEncoder).options(
+            num_cpus=1 if use_gpu else settings.threads,
+            num_gpus=1 if use_gpu else 0,
+            max_restarts=0,
+            max_task_retries=0,
+            scheduling_strategy="SPREAD",
+        )
+        args = (spec, params.to_dict(), asdict(settings), str(vae.device), str(cache_dir.resolve()), separate, delay)
+        handles = [cls.remote(*args) for _ in range(n_actors)]
+        stats.actors = n_actors
+        pending: dict[Any, tuple[Any, list[Task] | None]] = {h.ready.remote(): (h, None) for h in handles}
+        busy: dict[Any, int] = {h: 0 for h in handles}
+        alive = set(handles)
+        actors = {h: h for h in handles}
+        seq = 0
+
+        def feed(h: Any) -> None:
+            nonlocal seq
+            while queue and busy[h] < IN_FLIGHT:
+                chunk = queue.popleft()
+                stats.sent_bytes += len(pickle.dumps(chunk))
+                ref = h.encode_shard.remote(chunk, new_shard_name(run_id, seq))
+                seq += 1
+                pending[ref] = (h, chunk)
+                busy[h] += 1
+
+        def lose(h: Any) -> None:
+            if h in alive:
+                alive.discard(h)
+                stats.actors_lost += 1
+                ray.kill(h, no_restart=True)
+            for ref, (owner, chunk) in list(pending.items()):
+                if owner is h:
+                    del pending[ref]
+                    if chunk is not None:
+                        queue.appendleft(chunk)
+
+        def handle(ref: Any) -> ShardRecord | None:
+            """One finished call: a record to commit, or None (an actor came up, or was lost and its work requeued)."""
+            h, chunk = pending.pop(ref)
+            try:
+                result = ray.get(ref)
+            except RayActorError:
+                if chunk is not None:
+                    queue.appendleft(chunk)
+                lose(h)
+                if not alive:
+                    left = sum(len(c) for c in queue)
+                    raise VaekitError(
+                        f"every Ray encoder actor was lost (node down or process killed) with {left} images left to"
+                        f" encode; the shards committed so far are kept; rerun to finish"
+                    ) from None
+                for other in alive:
+                    feed(other)
+                return None
+            except RayTaskError as e:
+                if isinstance(e.cause, OSError):  # writing the shard failed (full disk, no shared folder...)
+                    raise OSError(e.cause.errno, e.cause.strerror or str(e.cause)) from None
+                raise
+            if chunk is None:  # the actor is up: give it work
+                stats.nodes.add(str(result))
+                feed(h)
+                return None
+            busy[h] -= 1
+            stats.chunks += 1
+            stats.received_bytes += len(pickle.dumps(result))
+            stats.worker_cpu_seconds += result.cpu_seconds
+            feed(h)
+            return result
+
+        # Until every chunk is reported; actors that never start (more asked for than the cluster holds) are
+        # simply never given work.
+        while queue or any(chunk is not None for _, chunk in pending.values()):
+            ray.wait(list(pending), num_returns=1)
+            done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)  # all that are ready now
+            batch = []
+            for ref in done:
+                if ref not in pending:  # dropped with an actor lost earlier in this batch
+                    continue
+                if (record := handle(ref)) is not None:
+                    batch.append(record)
+            if batch:
+                yield batch
     finally:
+        for h in actors:
+            ray.kill(h, no_restart=True)
         if started:
             ray.shutdown()

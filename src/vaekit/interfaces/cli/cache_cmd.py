@@ -42,6 +42,11 @@ def _print_report(report: CacheReport, total_ok: int) -> None:
         ("time", f"{report.seconds:.1f} s (encoding {report.encode_seconds:.1f} s)"),
         ("images in cache", total_ok),
     ]
+    if report.engine == "ray" and report.nodes:
+        done = max(1, report.encoded + len(report.failed))
+        lost = f", {report.actors_lost} lost (their chunks redone)" if report.actors_lost else ""
+        rows.insert(-2, ("ray", f"{report.workers} actors on {report.nodes} nodes{lost}; the driver received "
+                               f"{report.received_bytes / done:.0f} bytes per image"))  # fmt: skip
     cli.out.print(kv_table(report.cache_dir, rows))
     for path, reason in report.failed:
         cli.err.print(f"[yellow]failed:[/] {escape(reason if path in reason else f'{path}: {reason}')}")

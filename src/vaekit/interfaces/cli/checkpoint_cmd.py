@@ -19,6 +19,8 @@ from vaekit.interfaces.cli.common import (
     JsonOption,
     OverwriteOption,
     VaeOption,
+    announce_vae,
+    check_output,
     note,
     parse_dtype,
     refuse_existing,
@@ -27,7 +29,7 @@ from vaekit.interfaces.cli.common import (
 )
 from vaekit.interfaces.cli.core import app
 from vaekit.interfaces.cli.output import emit_json
-from vaekit.library import check_family_match, checkpoint_family, vae_family
+from vaekit.library import check_family_match, checkpoint_family, find_checkpoint, vae_family
 
 OutputOption = Annotated[Path, typer.Option("-o", "--output", help="Where to write.")]
 LayoutOption = Annotated[str, typer.Option("--layout", help="ldm (one .safetensors file) or diffusers (a folder).")]
@@ -39,7 +41,9 @@ def _same_file(a: Path, b: Path) -> bool:
 
 @app.command("extract")
 def extract_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A full checkpoint with a VAE baked in.")],
+    checkpoint_name: Annotated[
+        str, typer.Argument(metavar="CHECKPOINT", help="A checkpoint with a VAE baked in: a path or a library name.")
+    ],
     output: OutputOption,
     layout: LayoutOption = "ldm",
     dtype: Annotated[str | None, typer.Option("--dtype", help="fp16, bf16 or fp32 (default: as stored).")] = None,
@@ -50,6 +54,10 @@ def extract_command(
     torch_dtype = parse_dtype(dtype)
     if layout not in ("ldm", "diffusers"):
         raise BadInputError(f"--layout {layout!r}: use ldm or diffusers")
+    if layout == "ldm" and output.suffix.lower() not in (".safetensors", ".sft"):
+        raise BadInputError(f"{output}: the ldm layout is one .safetensors file; name the output *.safetensors")
+    checkpoint = find_checkpoint(checkpoint_name)
+    check_output(output, folder=layout == "diffusers")
     refuse_existing(output, overwrite)
     det = checkpoint_vae(TensorFile(checkpoint))
     if det is None:
@@ -87,7 +95,12 @@ def extract_command(
 
 @app.command("bake")
 def bake_command(
-    checkpoint: Annotated[Path, typer.Argument(help="A full checkpoint (.safetensors or .ckpt).")],
+    checkpoint_name: Annotated[
+        str,
+        typer.Argument(
+            metavar="CHECKPOINT", help="A full checkpoint (.safetensors or .ckpt): a path or a library name."
+        ),
+    ],
     vae: VaeOption = None,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="The new checkpoint to write.")] = None,
     in_place: Annotated[bool, typer.Option("--in-place", help="Replace CHECKPOINT itself (atomically).")] = False,
@@ -96,10 +109,9 @@ def bake_command(
     as_json: JsonOption = False,
 ) -> None:
     """Replace the VAE baked into CHECKPOINT; every other tensor and the metadata are kept bit-exact."""
+    checkpoint = find_checkpoint(checkpoint_name)
     if in_place and output is not None and not _same_file(output, checkpoint):
         raise BadInputError("give either -o NEW or --in-place, not both")
-    if not checkpoint.is_file():
-        raise BadInputError(f"{checkpoint}: no such checkpoint file")
     if in_place:
         dest = checkpoint
     elif output is None:
@@ -111,16 +123,17 @@ def bake_command(
         refuse_existing(dest, overwrite)
     if dest.suffix.lower() not in (".safetensors", ".sft"):
         raise BadInputError(f"{dest}: baked checkpoints are written as .safetensors; name the output *.safetensors")
-    resolved = resolve_selected_vae(vae, checkpoint)
+    check_output(dest)
+    resolved = resolve_selected_vae(vae, checkpoint, announce=False)
     if resolved.path is None:
         raise BadInputError(f"{resolved.preset!r} is a preset with random weights; bake a VAE file")
-    if not force:
-        check_family_match(
-            vae_family(resolved.path), checkpoint_family(checkpoint), resolved.path.name, checkpoint.name
-        )
+    ckpt_family = checkpoint_family(checkpoint)  # both files are checked before anything is said or written
     src = open_source(resolved.path)
+    if not force:
+        check_family_match(vae_family(resolved.path), ckpt_family, resolved.path.name, checkpoint.name)
     if set(src.detection.parts) != {"encoder", "decoder"}:
         raise BadInputError(f"{resolved.path}: holds only the {src.detection.parts[0]}; bake a whole VAE")
+    announce_vae(resolved)
     with writing(dest):
         report = bake_vae(checkpoint, src.state_dict(), src.detection.config.kind, dest)
     for message in report.notes:

@@ -22,7 +22,8 @@ import torch
 import typer
 from rich.markup import escape
 
-from vaekit.errors import BadInputError, VaekitError
+from vaekit.errors import BadInputError, ExitCode, VaekitError, reason
+from vaekit.formats.io import check_destination, is_disk_full
 from vaekit.interfaces.cli import core as cli
 from vaekit.library import ResolvedVAE, resolve_vae
 from vaekit.vae import VAE, load_vae
@@ -51,8 +52,76 @@ MaxMemoryOption = Annotated[
     str | None, typer.Option("--max-memory", help="Memory budget for one pass, e.g. 3GB or 512MiB (default: free).")
 ]
 TileSizeOption = Annotated[int | None, typer.Option("--tile-size", help="Tile size in pixels (default: automatic).")]
-DeviceOption = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 or mps.")]
+
+
+def parse_device(text: str) -> str:
+    """Check ``--device`` against what this PyTorch can use: auto, cpu, gpu (CUDA or MPS), cuda, cuda:N, mps."""
+    name = text.strip().lower()
+    if name in ("auto", "cpu"):
+        return name
+    cuda_ok = torch.cuda.is_available()
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps and mps.is_available())
+    no_cuda = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA device or driver found"
+    if name == "gpu":
+        if cuda_ok or mps_ok:
+            return "cuda" if cuda_ok else "mps"
+        raise BadInputError(f"--device {text}: no GPU is usable ({no_cuda}); use --device cpu or auto")
+    m = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if m:
+        if not cuda_ok:
+            raise BadInputError(f"--device {text}: CUDA is not usable ({no_cuda}); use --device cpu or auto")
+        index, count = int(m.group(1) or 0), torch.cuda.device_count()
+        if index >= count:
+            raise BadInputError(f"--device {text}: there are {count} CUDA device(s), numbered from 0")
+        return name
+    if name == "mps":
+        if not mps_ok:
+            raise BadInputError(f"--device {text}: Apple's MPS is not usable here; use --device cpu or auto")
+        return name
+    raise BadInputError(f"--device {text!r}: use auto, cpu, gpu, cuda, cuda:N or mps")
+
+
+def _device_callback(value: str | None) -> str | None:
+    return None if value is None else parse_device(value)
+
+
+def parse_family(name: str | None) -> str | None:
+    """Check ``--family`` against the known families (None stays None)."""
+    if name is None:
+        return None
+    from vaekit.families import FAMILIES
+
+    if name not in FAMILIES:
+        raise BadInputError(f"--family {name!r}: use one of {', '.join(FAMILIES)}")
+    return name
+
+
+def _family_callback(value: str | None) -> str | None:
+    return parse_family(value)
+
+
+def cli_words(text: str) -> str:
+    """Library messages name the API's keyword (``family=...``); on the command line the flag is ``--family``."""
+    return text.replace("family=...", "--family").replace("family=", "--family ")
+
+
+DeviceOption = Annotated[
+    str, typer.Option("--device", help="auto, cpu, gpu, cuda, cuda:1 or mps.", callback=_device_callback)
+]
+FamilyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--family",
+        help="Override an ambiguous family (sd1/sdxl share an architecture, as do sd3/flux).",
+        callback=_family_callback,
+    ),
+]
 OverwriteOption = Annotated[bool, typer.Option("--overwrite", help="Replace destinations that already exist.")]
+SkipExistingOption = Annotated[
+    bool,
+    typer.Option("--skip-existing", help="Leave outputs that already exist and do the rest (to finish a run)."),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 ForceOption = Annotated[bool, typer.Option("--force", help="Accept a VAE whose family does not match.")]
 
@@ -110,11 +179,23 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 # --- VAE selection -----------------------------------------------------------------------------------------------
 
 
-def resolve_selected_vae(vae_opt: str | None, checkpoint: str | os.PathLike[str] | None = None) -> ResolvedVAE:
-    """Resolve ``--vae`` (or the selection) and print which VAE is used, and why, on stderr."""
+def resolve_selected_vae(
+    vae_opt: str | None, checkpoint: str | os.PathLike[str] | None = None, announce: bool = True
+) -> ResolvedVAE:
+    """Resolve ``--vae`` (or the selection) and print which VAE is used, and why, on stderr.
+
+    With ``announce=False`` the caller prints it (:func:`announce_vae`) once the file has proved to be a VAE, so
+    that a bad file gives its one error line and nothing else.
+    """
     resolved = resolve_vae(vae_opt, checkpoint)
-    cli.err.print(f"VAE: {escape(resolved.describe())}")
+    if announce:
+        announce_vae(resolved)
     return resolved
+
+
+def announce_vae(resolved: ResolvedVAE) -> None:
+    """Say on stderr which VAE a command uses, and why."""
+    cli.message(f"VAE: {escape(resolved.describe())}")
 
 
 def load_selected_vae(
@@ -122,12 +203,21 @@ def load_selected_vae(
     device: str | None = "auto",
     dtype: torch.dtype | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
+    family: str | None = None,
 ) -> VAE:
     """Load the VAE that ``--vae`` names, else the selection (per checkpoint, global, bundled default); the choice
-    is printed on stderr so nobody wonders which VAE ran.
+    is printed on stderr so nobody wonders which VAE ran. An uncertain family is said, with the flag to fix it.
     """
-    resolved = resolve_selected_vae(vae_opt, checkpoint)
-    return load_vae(resolved.source, device=device, dtype=dtype)
+    resolved = resolve_selected_vae(vae_opt, checkpoint, announce=False)
+    try:
+        dev, fam = parse_device(device or "auto"), parse_family(family)
+        model = load_vae(resolved.source, device=dev, dtype=dtype, family=fam)
+    except (ValueError, KeyError) as e:  # a --family whose channel count does not fit this VAE
+        raise BadInputError(f"--family {family}: {reason(e)}") from None
+    announce_vae(resolved)
+    if not model.origin.family_certain and family is None and model.origin.family_note:
+        warn(cli_words(model.origin.family_note))
+    return model
 
 
 # --- inputs and outputs ------------------------------------------------------------------------------------------
@@ -154,10 +244,27 @@ def expand_images(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(paths))
 
 
-def refuse_existing(dest: Path, overwrite: bool) -> None:
-    """A destination that exists is refused unless ``--overwrite``."""
-    if dest.exists() and not overwrite:
-        raise BadInputError(f"{dest}: already exists; pass --overwrite to replace it, or choose another -o")
+def refuse_existing(dest: Path, overwrite: bool, skip_existing: bool = False) -> None:
+    """A destination that exists is refused unless ``--overwrite`` (or ``--skip-existing``, which leaves it)."""
+    check_output(dest)
+    if dest.exists() and not overwrite and not skip_existing:
+        raise BadInputError(
+            f"{dest}: already exists; pass --overwrite to replace it, --skip-existing to keep it, or choose another -o"
+        )
+
+
+def check_output(dest: Path, folder: bool = False) -> Path:
+    """Check a destination before any work: no file where a folder must be, and a folder that can be written.
+
+    A path component that is a file is bad input (exit 2); a folder without write permission is a failure (exit 1).
+    """
+    check_destination(dest / "x" if folder else dest)
+    if folder and dest.exists() and not dest.is_dir():
+        raise BadInputError(f"{dest}: exists and is a file; give a folder to -o")
+    existing = next((p for p in [dest if folder else dest.parent, *dest.parents] if p.exists()), None)
+    if existing is not None and existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise VaekitError(f"{dest}: cannot write there: {existing} is not writable; choose another -o")
+    return dest
 
 
 @contextmanager
@@ -168,12 +275,54 @@ def writing(dest: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.errno == errno.ENOSPC:
-            raise VaekitError(
-                f"{dest}: no space left on the device; nothing was written; free space and retry"
-            ) from None
-        reason = e.strerror or str(e)
-        raise VaekitError(f"{dest}: cannot write ({reason}); nothing was written") from None
+        raise write_error(dest, e) from None
+
+
+def write_error(dest: Path, e: OSError) -> VaekitError:
+    """One line for an OS error while writing ``dest``: exit 1 (full disk, permissions), exit 2 for a bad path."""
+    if is_disk_full(e):
+        return VaekitError(f"{dest}: no space left on the device; nothing was written; free space and retry")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR, errno.ENAMETOOLONG):
+        return BadInputError(f"{dest}: cannot be written there ({e.strerror or reason(e)}); choose another -o")
+    return VaekitError(f"{dest}: cannot write ({e.strerror or reason(e)}); nothing was written")
+
+
+class Interrupted(VaekitError):
+    """Ctrl-C during a run of many outputs; the message says how many were written."""
+
+    exit_code = ExitCode.INTERRUPTED
+
+
+class Progress:
+    """Counts the outputs of a run; turns Ctrl-C and a failure half-way into one line saying how far it got."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.written = 0
+
+    @contextmanager
+    def item(self, label: str) -> Iterator[None]:
+        """Run the work for one output; an error names ``label`` and how many outputs were written before it."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise Interrupted(self.interrupted()) from None
+        except OSError as e:
+            raise self._with_count(write_error(Path(e.filename or label), e)) from None
+        except VaekitError as e:
+            raise self._with_count(e, label) from None
+
+    def interrupted(self) -> str:
+        """The line for Ctrl-C."""
+        rest = "; rerun with --skip-existing to do the rest" if self.written < self.total else ""
+        return f"interrupted: {self.written} of {self.total} written{rest}"
+
+    def _with_count(self, e: VaekitError, label: str | None = None) -> VaekitError:
+        message = str(e) if label is None or str(e).startswith(label) else f"{label}: {e}"
+        if self.written:
+            message += f" ({self.written} of {self.total} written before it; --skip-existing keeps them)"
+        e.args = (message,)
+        return e
 
 
 def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
@@ -203,10 +352,10 @@ def track(items: Iterable[T], total: int, description: str) -> Iterator[T]:
 
 
 def note(message: str) -> None:
-    """A message for the user on stderr."""
-    cli.err.print(escape(message))
+    """A message for the user on stderr (held back until success when stderr is not a terminal)."""
+    cli.message(escape(message))
 
 
 def warn(message: str) -> None:
-    """A warning on stderr."""
-    cli.err.print(f"[yellow]warning:[/] {escape(message)}")
+    """A warning on stderr (held back until success when stderr is not a terminal)."""
+    cli.message(f"[yellow]warning:[/] {escape(message)}")

@@ -14,7 +14,16 @@ from vaekit.formats.export import write_vae
 from vaekit.formats.source import open_source
 from vaekit.health import PROBE_SIZE, activation_range
 from vaekit.interfaces.cli import core as cli
-from vaekit.interfaces.cli.common import JsonOption, OverwriteOption, parse_dtype, refuse_existing, warn, writing
+from vaekit.interfaces.cli.common import (
+    FamilyOption,
+    JsonOption,
+    OverwriteOption,
+    check_output,
+    parse_dtype,
+    refuse_existing,
+    warn,
+    writing,
+)
 from vaekit.interfaces.cli.core import app
 from vaekit.interfaces.cli.output import emit_json
 from vaekit.vae import load_vae
@@ -28,7 +37,7 @@ def convert_command(
         str, typer.Option("--layout", help="ldm (one .safetensors file) or diffusers (a folder).")
     ] = "ldm",
     dtype: Annotated[str | None, typer.Option("--dtype", help="fp16, bf16 or fp32 (default: as stored).")] = None,
-    family: Annotated[str | None, typer.Option(help="Override an ambiguous family (sd1, sdxl, sd3, flux).")] = None,
+    family: FamilyOption = None,
     probe: Annotated[
         bool, typer.Option("--probe/--no-probe", help="Check fp16's range on a probe photo before writing fp16.")
     ] = True,
@@ -44,6 +53,7 @@ def convert_command(
         raise BadInputError(f"{output}: the ldm layout is one .safetensors file; name the output *.safetensors")
     if output.exists() and file.exists() and output.resolve() == file.resolve():
         raise BadInputError(f"{output}: that is the input; write the conversion to another path")
+    check_output(output, folder=layout == "diffusers")
     refuse_existing(output, overwrite)
     src = open_source(file, family=family)
     state = src.state_dict()
@@ -56,7 +66,8 @@ def convert_command(
         "fp16": None,
     }
     if torch_dtype == torch.float16 and probe:
-        act = activation_range(load_vae(file, device="cpu", family=family), size=probe_size)
+        with cli.err.status(f"checking fp16's range first (a {probe_size} px photo through the VAE)", spinner="dots"):
+            act = activation_range(load_vae(file, device="cpu", family=family), size=probe_size)
         result["fp16"] = act.to_dict()
         if act.verdict() != "safe":
             warn(
