@@ -103,8 +103,32 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
     rows: list[tuple[str, float, str]] = []
     n_stages = len(tiling.eng.decoder_stages(model))
 
+    phases: dict[str, float] = {}
+    bases: list[tuple[int, float]] = []
+    run_stages, single_pass = tiling.eng.run_stages, tiling._single_pass
+
+    def timed_stages(*a: object, **k: object) -> object:  # exact parts pass attn_chunk; the statistics pass not
+        start = time.perf_counter()
+        try:
+            return run_stages(*a, **k)
+        finally:
+            key = "exact part" if "attn_chunk" in k else "statistics pass"
+            phases[key] = phases.get(key, 0.0) + time.perf_counter() - start
+
+    def timed_pass(*a: object, **k: object) -> object:
+        start = time.perf_counter()
+        try:
+            return single_pass(*a, **k)
+        finally:
+            phases["tile pass"] = phases.get("tile pass", 0.0) + time.perf_counter() - start
+
     def run(label: str, mode: str, budget_gb: float, tile_px: int | None) -> None:
-        (out, rep), t = _timed(lambda: tiled_decode(model, zc, mode, int(budget_gb * GB), tile_px))
+        phases.clear()
+        tiling.eng.run_stages, tiling._single_pass = timed_stages, timed_pass
+        try:
+            (out, rep), t = _timed(lambda: tiled_decode(model, zc, mode, int(budget_gb * GB), tile_px))
+        finally:
+            tiling.eng.run_stages, tiling._single_pass = run_stages, single_pass
         p, mx = _psnr(untiled, out)
         plan = rep.plan
         how = f"{rep.tiles} tiles of {rep.tile_size} px"
@@ -115,22 +139,29 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
                 if a == b
                 else f", stages {a}-{b - 1} of {n_stages} estimated at {plan.stats_scale:g}x ({plan.stats_store})"
             )
-        rows.append((f"{label}, {budget_gb:g} GB ({how})", t, f"{p:.1f} dB, max abs {mx:.2e}"))
+        split = ", ".join(f"{k} {v:.2f} s" for k, v in phases.items() if mode == "fast" and len(phases) > 1)
+        rows.append(
+            (f"{label}, {budget_gb:g} GB ({how})", t, f"{p:.1f} dB, max abs {mx:.2e}" + (f"; {split}" if split else ""))
+        )
 
     with torch.inference_mode():
         model.decode(zc[..., :8, :8])  # warm-up
-        untiled, t_un = _timed(lambda: model.decode(zc))
-        rows.append(("vaekit untiled", t_un, ""))
-        run("vaekit exact", "exact", 64, tile)
-        run("vaekit fast", "fast", 64, tile)  # room for everything: fast runs the exact engine
-        for b in args.fast_budgets:  # the budget forces a cut: the stages above it get estimated statistics
-            run("vaekit fast", "fast", b, None)
-            run("vaekit exact", "exact", b, None)
-        if args.estimate_all:  # every stage above latent resolution estimated, whatever the budget
-            widest = tiling._tile_parts
-            tiling._tile_parts = lambda *a: widest(*a)[-1:]
-            run("vaekit fast, all high-res stages estimated", "fast", 64, tile)
-            tiling._tile_parts = widest
+        for rep_i in range(args.repeat):
+            untiled, t_un = _timed(lambda: model.decode(zc))
+            bases.append((len(rows), t_un))  # rows from here on compare with this run's untiled time
+            rows.append((f"vaekit untiled{f' (run {rep_i + 1})' if args.repeat > 1 else ''}", t_un, ""))
+            if not args.fast_only:
+                run("vaekit exact", "exact", 64, tile)
+                run("vaekit fast", "fast", 64, tile)  # room for everything: fast runs the exact engine
+            for b in args.fast_budgets:  # the budget forces a cut: the stages above it get estimated statistics
+                run("vaekit fast", "fast", b, None)
+                if not args.fast_only:
+                    run("vaekit exact", "exact", b, None)
+            if args.estimate_all:  # every stage above latent resolution estimated, whatever the budget
+                widest = tiling._tile_parts
+                tiling._tile_parts = lambda *a, _w=widest: _w(*a)[-1:]
+                run("vaekit fast, all high-res stages estimated", "fast", 64, tile)
+                tiling._tile_parts = widest
     if ref_model is not None:
         ref_model = ref_model.to(dtype)
         with torch.no_grad():
@@ -142,8 +173,8 @@ def part1(args: argparse.Namespace, dtype: torch.dtype) -> None:
         rows.append(("diffusers enable_tiling() (defaults)", t_dtl, f"{p:.1f} dB, max abs {mx:.2e}"))
     print(f"\n## decode {args.size} px, base_channels {args.base_channels}, {_name(dtype)}")
     print(f"{'case':84s} {'time s':>8s} {'x untiled':>10s}  PSNR vs own untiled")
-    for name, t, q in rows:
-        base = t_dun if name.startswith("diffusers") else t_un
+    for i, (name, t, q) in enumerate(rows):
+        base = t_dun if name.startswith("diffusers") else [b for j, b in bases if j <= i][-1]
         print(f"{name:84s} {t:8.2f} {t / base:10.2f}  {q}")
 
 
@@ -235,6 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--quick", action="store_true", help="base_channels 32, 512 px, big case 1024 px in 0.25 GB")
     ap.add_argument("--skip-diffusers", action="store_true")
+    ap.add_argument("--fast-only", action="store_true", help="part 1: untiled and fast under --fast-budgets only")
+    ap.add_argument("--repeat", type=int, default=1, help="part 1: run the cases this many times, one process")
     ap.add_argument("--skip-big", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument(
