@@ -195,35 +195,27 @@ def detect(
     keys = list(shapes_in_file)
     container, prefix, inner = _strip_container(keys)
     inner_shapes = {k: shapes_in_file[f] for k, f in inner.items()}
+    cfg: VAEConfig
     foreign = _foreign(inner_shapes)
     if foreign is not None:
         cfg, layout = foreign
         parts = tuple(p for p in ("encoder", "decoder") if getattr(cfg, f"has_{p}", True))
         key_map = dict(inner)  # names as in the file: a diffusers layout is converted whole when read
-        return _finish(
-            cfg,
-            layout,
-            container,
-            prefix,
-            parts,
-            key_map,
-            keys,
-            inner,
-            metadata,
-            dtypes,
-            family,
-            known_family,
-            diffusers_config,
-        )
+    else:
+        cfg, layout, parts, key_map = _kl_or_tiny(inner, inner_shapes)
+    found = (cfg, layout, container, prefix, parts, key_map)
+    return _finish(*found, keys, inner, metadata, dtypes, family, known_family, diffusers_config)
+
+
+def _kl_or_tiny(inner: dict[str, str], inner_shapes: Shapes) -> tuple[VAEConfig, str, tuple[str, ...], dict[str, str]]:
+    """(config, layout, parts, {vaekit key: file key}) of a KL or tiny autoencoder, LDM/taesd or diffusers names."""
     tiny = _is_tiny(list(inner))
     diffusers = any(".layers." in k or "down_blocks." in k or "up_blocks." in k for k in inner)
     if diffusers:
-        renamed = rename_diffusers_to_ldm({k: k for k in inner}, "tiny" if tiny else "kl")
-        ldm_to_inner = dict(renamed.items())
-        shapes = {k: inner_shapes[v] for k, v in renamed.items()}
+        ldm_to_inner = rename_diffusers_to_ldm({k: k for k in inner}, "tiny" if tiny else "kl")
     else:
         ldm_to_inner = {k: k for k in inner}
-        shapes = inner_shapes
+    shapes = {k: inner_shapes[v] for k, v in ldm_to_inner.items()}
     parts: tuple[str, ...] = ("encoder", "decoder")
     cfg: VAEConfig
     if tiny:
@@ -232,22 +224,7 @@ def detect(
     else:
         cfg = _kl_config(shapes)
         layout = "diffusers" if diffusers else "ldm"
-    key_map = {k: inner[v] for k, v in ldm_to_inner.items()}
-    return _finish(
-        cfg,
-        layout,
-        container,
-        prefix,
-        parts,
-        key_map,
-        keys,
-        inner,
-        metadata,
-        dtypes,
-        family,
-        known_family,
-        diffusers_config,
-    )
+    return cfg, layout, parts, {k: inner[v] for k, v in ldm_to_inner.items()}
 
 
 def _foreign(shapes: Shapes) -> tuple[VAEConfig, str] | None:

@@ -472,14 +472,34 @@ def _plan_tiny(
 ) -> TilePlan:
     f = cfg.downscale
     seq = model.encoder if op == "encode" else model.decoder
-    unit = f if op == "encode" else 1
-    halo = math.ceil(_tiny_halo(seq) / unit)
+    halo = math.ceil(_tiny_halo(seq) / (f if op == "encode" else 1))
     out_c = cfg.latent_channels if op == "encode" else cfg.out_channels
+    return _plan_single_pass(
+        lambda region: _tiny_bytes(model, op, region, e), cfg, op, shape, latent, halo, out_c, e, budget, forced, mode
+    )
+
+
+def _plan_single_pass(
+    bytes_of: Callable[[tuple[int, ...]], int],
+    cfg: VAEConfig,
+    op: str,
+    shape: tuple[int, ...],
+    latent: tuple[int, int],
+    halo: int,
+    out_c: int,
+    e: int,
+    budget: int,
+    forced: int | None,
+    mode: str,
+) -> TilePlan:
+    """The largest tile whose region (tile + halo, latent cells) fits the budget, by ``bytes_of(region shape)``."""
+    f = cfg.downscale
+    unit = f if op == "encode" else 1
     out_bytes = shape[0] * out_c * latent[0] * latent[1] * (f * f if op == "decode" else 1) * e
     for t in [forced] if forced is not None else _candidates(max(latent)):
         th, tw = min(t, latent[0]) + 2 * halo, min(t, latent[1]) + 2 * halo
         region = (shape[0], shape[1], th * unit, tw * unit)
-        need = int(_tiny_bytes(model, op, region, e) * TILED_CALIBRATION) + out_bytes
+        need = int(bytes_of(region) * TILED_CALIBRATION) + out_bytes
         if need <= budget:
             grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
             return TilePlan(mode, op, t, t * f, grid, halo, "none", 1.0, need, budget)
@@ -581,21 +601,19 @@ def _plan_region(
             f"exact tiling of a {cfg.kind} VAE is not possible: its {global_part} reads the whole image; use "
             "tiling='fast' (tiles with a halo of context) or 'off'"
         )
-    f = cfg.downscale
-    halo = int(mod.TILING_HALO[op])
-    unit = f if op == "encode" else 1
     out_c = (cfg.latent_channels * (2 if cfg.gaussian else 1)) if op == "encode" else cfg.out_channels
-    out_bytes = shape[0] * out_c * latent[0] * latent[1] * (f * f if op == "decode" else 1) * e
-    for t in [forced] if forced is not None else _candidates(max(latent)):
-        th, tw = min(t, latent[0]) + 2 * halo, min(t, latent[1]) + 2 * halo
-        region = (shape[0], shape[1], th * unit, tw * unit)
-        need = int(_traced_bytes(model, op, region, e) * TILED_CALIBRATION) + out_bytes
-        if need <= budget:
-            grid = (math.ceil(latent[0] / t), math.ceil(latent[1] / t))
-            return TilePlan(mode, op, t, t * f, grid, halo, "none", 1.0, need, budget)
-    raise BadInputError(
-        f"max_memory {_fmt(budget)} is too small for tiled {op} of {_shape_str(shape)}"
-        + (f" with {forced * f} px tiles" if forced else "")
+    return _plan_single_pass(
+        lambda region: _traced_bytes(model, op, region, e),
+        cfg,
+        op,
+        shape,
+        latent,
+        int(mod.TILING_HALO[op]),
+        out_c,
+        e,
+        budget,
+        forced,
+        mode,
     )
 
 
