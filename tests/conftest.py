@@ -29,11 +29,10 @@ def small_config(name: str, **overrides: Any) -> VAEConfig:
     return dataclasses.replace(cfg, **SMALL_WIDTHS[cfg.kind], **overrides)
 
 
-# Small widths of the architectures with their own module (the real depth and level structure).
+# Small widths of the architectures with their own module (the real depth, level structure and latent channels).
 SMALL_WIDTHS: dict[str, dict[str, Any]] = {
     "qwenimage": {"base_dim": 8},
     "dcae": {
-        "latent_channels": 8,
         "encoder_widths": (8, 16, 16, 32, 32, 32),
         "encoder_depths": (1, 2, 1, 2, 1, 1),
         "decoder_widths": (8, 16, 32, 32, 32, 32),
@@ -41,7 +40,7 @@ SMALL_WIDTHS: dict[str, dict[str, Any]] = {
         "head_dim": 8,
     },
     "taesana": {"stem_widths": (8, 16), "width": 16, "decoder_widths": (32, 16, 16, 8, 8, 8)},
-    "hunyuanimage": {"latent_channels": 16, "block_channels": (32, 32, 32, 64, 64, 64), "num_res_blocks": 1},
+    "hunyuanimage": {"block_channels": (32, 32, 32, 64, 64, 128), "num_res_blocks": 1},
 }
 
 

@@ -80,3 +80,22 @@ def test_registry_entry_is_consistent(name: str) -> None:
 def test_unknown_family_is_one_clear_error() -> None:
     with pytest.raises(Exception, match="unknown family 'sd9'; known: sd1, sdxl"):
         families.get("sd9")
+
+
+@pytest.mark.parametrize("name", ["flux2", "qwenimage", "dcae", "hunyuanimage"])
+def test_every_full_vae_writes_both_layouts_and_reads_them_back(name: str, tmp_path) -> None:
+    import vaekit
+
+    vae = _small_vae(name)
+    original = vaekit.save_vae(vae, tmp_path / f"{name}.safetensors")
+    info = vaekit.inspect(original)
+    assert (info.family, info.family_certain, info.kind) == (name, True, vae.config.kind)
+    assert info.latent_channels == vae.latent_channels and info.downscale == vae.downscale
+    folder = vaekit.save_vae(vae, tmp_path / f"{name}_diffusers", layout="diffusers")
+    for path in (original, folder):
+        back = vaekit.load_vae(path)
+        assert back.family == name and back.config == vae.config
+        for key, value in vae.state_dict().items():
+            assert torch.equal(back.state_dict()[key], value), (path, key)
+    x = torch.rand(1, 3, vae.downscale, 2 * vae.downscale)
+    torch.testing.assert_close(vaekit.load_vae(folder).encode(x), vae.encode(x), atol=1e-5, rtol=0)

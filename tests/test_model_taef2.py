@@ -201,3 +201,22 @@ def test_normaliser_is_a_2x2_patchify() -> None:
     assert normaliser_spec(PRESETS["taef2"]) == {"kind": "patchify", "patch": 2}
     assert PRESETS["taef2"].to_dict()["encoder_blocks"] == [1, 3, 3, 3]
     assert PRESETS["taef2"].family == "flux2" and PRESETS["taef2"].kind == "taef2" and PRESETS["taef2"].downscale == 8
+
+
+@needs_weights
+def test_flux2_preview_factors_preview_taef2_latents() -> None:
+    """The registry's FLUX.2 preview factors (fitted with TAEF2) give a recognisable preview of a held-out photo."""
+    import torch.nn.functional as F
+    from skimage import data
+
+    import vaekit
+    from vaekit import latent
+
+    vae = vaekit.load_vae([WEIGHTS / "taef2_encoder.pth", WEIGHTS / "taef2_decoder.pth"])
+    x = torch.tensor(data.astronaut()[:256, :256]).permute(2, 0, 1)[None].float() / 255
+    latents = vae.encode(x)
+    assert latents.shape == (1, 128, 16, 16)
+    preview = latent.latent_to_rgb(latents, latent.preview_map_for(vae))
+    target = F.avg_pool2d(vae.decode(latents), 16)
+    mse = float(((preview - target) ** 2).mean())
+    assert 10 * math.log10(1 / mse) > 18
