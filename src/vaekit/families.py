@@ -321,9 +321,11 @@ FAMILIES: dict[str, Family] = {
                 "taef1": TinyConfig(family="flux", latent_channels=16),
             },
             checkpoint_markers=("model.diffusion_model.double_blocks.", "double_blocks."),
-            checkpoint_excludes=(
+            checkpoint_excludes=(  # FLUX.2's and HunyuanImage's transformers have double blocks too
                 "double_stream_modulation_img.",
                 "model.diffusion_model.double_stream_modulation_img.",
+                "byt5_in.",
+                "model.diffusion_model.byt5_in.",
             ),
             modelspec_words=("flux-1", "flux.1", "flux"),
             preview=_FLUX_RGB,
@@ -391,6 +393,7 @@ FAMILIES: dict[str, Family] = {
             scale=hunyuanimage.SCALING_FACTOR,
             shift=hunyuanimage.SHIFT_FACTOR,
             presets={"hunyuanimage": hunyuanimage.PRESETS["hunyuanimage"]},
+            checkpoint_markers=("byt5_in.", "model.diffusion_model.byt5_in."),  # its DiT's ByT5 text input
             modelspec_words=("hunyuanimage", "hunyuan-image"),
         ),
         Family(
