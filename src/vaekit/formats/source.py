@@ -49,9 +49,8 @@ class VAESource:
         out: dict[str, tuple[int, ...]] = {}
         for f, wanted in self.file_key_maps():
             out.update({ours: tuple(f.shapes[theirs]) for ours, theirs in wanted.items()})
-        foreign = self._foreign_diffusers()
-        if foreign is not None:  # convert on meta tensors: names and shapes only
-            metas = foreign.from_diffusers({k: torch.empty(s, device="meta") for k, s in out.items()})
+        if self._module() is not None:  # convert on meta tensors: names and shapes only
+            metas = self._convert({k: torch.empty(s, device="meta") for k, s in out.items()})
             return {k: tuple(v.shape) for k, v in metas.items()}
         from vaekit.formats.keymaps import KL_ATTENTION_WEIGHTS
 
@@ -74,21 +73,27 @@ class VAESource:
         for f, wanted in self.file_key_maps():
             loaded = f.load(list(wanted.values()))
             out.update({ours: loaded[theirs] for ours, theirs in wanted.items()})
-        foreign = self._foreign_diffusers()
-        if foreign is not None:
-            return foreign.from_diffusers(out)
+        if self._module() is not None:
+            return self._convert(out)
         if det.layout in ("diffusers", "taesd-diffusers"):
             # key_map already names our keys; only the attention weights need reshaping.
             out = diffusers_to_ldm_shapes(out)
         return out
 
-    def _foreign_diffusers(self) -> Any:
-        """The architecture module that converts this file's diffusers names, when it needs one."""
+    def _module(self) -> Any:
+        """The architecture module of a VAE vaekit reads through ``models.FOREIGN`` (None for KL and tiny VAEs)."""
         from vaekit import models
 
-        if self.detection.layout != "diffusers":
-            return None
         return models.FOREIGN.get(self.detection.config.kind)
+
+    def _convert(self, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Such a VAE's tensors in the module's names: diffusers names converted, and files that store 2-D convs
+        with a length-1 time axis (HunyuanImage's release) squeezed."""
+        mod = self._module()
+        if self.detection.layout == "diffusers":
+            sd = mod.from_diffusers(sd)
+        squeeze = getattr(mod, "squeeze_time_axis", None)
+        return squeeze(sd) if squeeze is not None else sd
 
 
 def diffusers_to_ldm_shapes(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
