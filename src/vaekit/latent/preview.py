@@ -84,7 +84,7 @@ class PreviewMap:
 
 
 def family_preview_map(family: str) -> PreviewMap:
-    """The published map of a latent family (sd1, sdxl, sd3, flux)."""
+    """The published map of a latent family (see :data:`vaekit.families.FAMILIES`)."""
     factors = published_factors(family)
     if factors is None:
         raise BadInputError(
